@@ -1,0 +1,46 @@
+"""layerfreeze: freeze and unfreeze chosen layers of a PyTorch model during
+training, correctly and cheaply.
+
+The core is :func:`select`, :func:`freeze`, :func:`unfreeze`, :func:`frozen`
+and one error family; :class:`Freezer`, :class:`Schedule` and every
+integration are built on those.
+"""
+
+from .core import Transition, apply_change, freeze, frozen, subscribe, unfreeze
+from .errors import (
+    FrozenParameterChanged,
+    LayerFreezeError,
+    OptimizerSyncError,
+    ScheduleError,
+    SelectorError,
+    SelectorTypeError,
+    StateDictError,
+)
+from .freezer import Freezer
+from .report import ParamCount, count_parameters, summary
+from .schedule import Schedule
+from .selectors import select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Freezer",
+    "FrozenParameterChanged",
+    "LayerFreezeError",
+    "OptimizerSyncError",
+    "ParamCount",
+    "Schedule",
+    "ScheduleError",
+    "SelectorError",
+    "SelectorTypeError",
+    "StateDictError",
+    "Transition",
+    "apply_change",
+    "count_parameters",
+    "freeze",
+    "frozen",
+    "select",
+    "subscribe",
+    "summary",
+    "unfreeze",
+]
