@@ -6,6 +6,7 @@ and one error family; :class:`Freezer`, :class:`Schedule` and every
 integration are built on those.
 """
 
+from .cache import CacheStats, cache, precompute
 from .core import Transition, apply_change, freeze, frozen, subscribe, unfreeze
 from .errors import (
     FrozenParameterChanged,
@@ -17,13 +18,28 @@ from .errors import (
     StateDictError,
 )
 from .freezer import Freezer
+from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
+from .rules import AdaptiveFreezeRule, FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, Rule
 from .schedule import Schedule
 from .selectors import select
+from .timeline import TimelineRow, plot_timeline
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheStats",
+    "MemoryReport",
+    "cache",
+    "memory_report",
+    "precompute",
+    "AdaptiveFreezeRule",
+    "FreezeRule",
+    "GradualUnfreezeRule",
+    "ProgressiveFreezeRule",
+    "Rule",
+    "TimelineRow",
+    "plot_timeline",
     "Freezer",
     "FrozenParameterChanged",
     "LayerFreezeError",

@@ -349,16 +349,38 @@ def unfreeze(model: nn.Module, *selectors: object, exclude: object = ()) -> list
 
 
 def _releases_for(index: ModelIndex, res: Any, unfreezing: Sequence[str] | None = None) -> list[str]:
-    """Modules to hand back: those in the selection, and those left with no
-    frozen parameter of their own once ``unfreezing`` is trainable."""
+    """Modules to hand back once ``unfreezing`` (default: the selection) is trainable.
+
+    Those are the modules wholly in the selection; held modules left with no
+    frozen parameter of their own; and held modules with no parameter of their
+    own (containers, dropout) once the nearest enclosing module that has
+    parameters has none frozen left and this change unfroze some of them.
+    """
     names = set(res.params if unfreezing is None else unfreezing)
+    changing = {n for n in names if not index.by_canonical[n].requires_grad}
     out = list(res.modules)
     chosen = set(out)
+    subtree_cache: dict[str, set[str]] = {}
+
+    def subtree(name: str) -> set[str]:
+        if name not in subtree_cache:
+            subtree_cache[name] = {index.canonical[id(p)] for p in index.modules[name].parameters()}
+        return subtree_cache[name]
+
     for name, module in index.modules.items():
         if name in chosen or _keeper(module) is None:
             continue
         own = [p for p in module._parameters.values() if p is not None]
-        if own and all(p.requires_grad or index.canonical[id(p)] in names for p in own):
+        if own:
+            if all(p.requires_grad or index.canonical[id(p)] in names for p in own):
+                out.append(name)
+            continue
+        anchor = name
+        while not subtree(anchor) and anchor:
+            anchor = anchor.rpartition(".")[0]
+        params = subtree(anchor)
+        still_frozen = any(not index.by_canonical[n].requires_grad and n not in names for n in params)
+        if params & changing and not still_frozen:
             out.append(name)
     return out
 
@@ -388,7 +410,12 @@ def frozen(
     flags = {n: p.requires_grad for n, p in index.by_canonical.items()}
     grads = {n: p.grad for n, p in index.by_canonical.items()}
     training = {n: m.training for n, m in index.modules.items()}
-    keepers = {n: _keeper(m) for n, m in index.modules.items()}
+    # a hold is restored with the mode it had and the train/eval request it
+    # remembered: the block may upgrade "norm" to "eval" or call model.eval()
+    keepers: dict[str, tuple[_KeepEval, str, bool] | None] = {}
+    for n, m in index.modules.items():
+        k = _keeper(m)
+        keepers[n] = (k, k.mode, k.requested) if k is not None else None
     names = freeze(index.model, *selectors, exclude=exclude, mode=mode)
     try:
         yield names
@@ -400,9 +427,12 @@ def frozen(
             if n in now_frozen and p.grad is None:
                 p.grad = grads[n]
         for n, m in index.modules.items():
-            keeper = keepers[n]
-            if keeper is None:
-                m.__dict__.pop("train", None) if _keeper(m) is not None else None
+            saved = keepers[n]
+            if saved is None:
+                if _keeper(m) is not None:
+                    del m.__dict__["train"]
             else:
+                keeper, keeper_mode, requested = saved
+                keeper.mode, keeper.requested = keeper_mode, requested
                 m.__dict__["train"] = keeper
             m.training = training[n]

@@ -11,7 +11,9 @@ from torch import nn
 from .core import Change, Mode, Transition, _check_mode, _holds_for, _releases_for, apply_change, subscribe
 from .errors import StateDictError
 from .guard import Guard
+from .lrsched import check_scheduler, extend_schedulers
 from .optim import OptimizerSync
+from .rules import AdaptiveFreezeRule, GradNormCollector
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
 
@@ -38,6 +40,17 @@ class Freezer:
             lr of group 0).
         on_missing: ``"add"`` (default) or ``"raise"`` when an unfrozen
             parameter belongs to no param group.
+        lr_scheduler: a torch LR scheduler of ``optimizer`` made *before*
+            the Freezer, or a list of them: their per-group bookkeeping is
+            extended whenever the Freezer adds a param group. A scheduler made
+            after the Freezer needs nothing.
+
+    With a schedule and an optimizer, every parameter the schedule may ever
+    make trainable that no param group holds is added to the optimizer when
+    the Freezer is made, at its final lr (``lr_decay`` included): frozen ones
+    reach ``step()`` with ``.grad`` None and every torch optimizer skips them,
+    so LR schedulers and checkpoints see the same param groups from the start
+    (see :mod:`layerfreeze.lrsched` for why).
 
     Example:
         >>> import torch, torch.nn as nn, layerfreeze as lf
@@ -60,6 +73,7 @@ class Freezer:
         release_state: bool = False,
         unfreeze_lr: float | None = None,
         on_missing: str = "add",
+        lr_scheduler: Any = None,
     ) -> None:
         self._wrapper = model
         self.module = unwrap(model)
@@ -80,6 +94,24 @@ class Freezer:
             if optimizer is not None
             else None
         )
+        schedulers = lr_scheduler if isinstance(lr_scheduler, (list, tuple)) else [lr_scheduler]
+        #: LR schedulers made before the Freezer, repaired when groups are added
+        self.lr_schedulers: list[Any] = [s for s in schedulers if s is not None]
+        for s in self.lr_schedulers:
+            check_scheduler(s, optimizer)
+        if self.sync is not None and schedule is not None and on_missing == "add":
+            self._register_upfront()
+        #: transitions made outside set_epoch/set_step (adaptive freezes after
+        #: an optimizer step); the next set_epoch/set_step returns them too
+        self._pending: list[Transition] = []
+        self._collectors: list[tuple[int, GradNormCollector]] = []
+        if schedule is not None:
+            index = ModelIndex(self.module)
+            for i, rule in enumerate(schedule.rules):
+                if isinstance(rule, AdaptiveFreezeRule):
+                    groups = rule.groups(index, origin=schedule.origin(i))
+                    params = [[index.by_canonical[n] for n in res.params] for _, res in groups]
+                    self._collectors.append((i, GradNormCollector(rule, params)))
         self.epoch: int | None = None
         self.step: int | None = None
         #: optimizer steps seen since the Freezer was made
@@ -88,7 +120,17 @@ class Freezer:
         self._handles: list[Any] = []
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            if self._collectors:
+                # runs after OptimizerSync's pre-hook, so frozen grads are gone
+                self._handles.append(optimizer.register_step_pre_hook(self._collect_norms))
+        elif self._collectors:
+            raise ValueError("an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step")
         self._subscription = subscribe(self.module, self)
+        # DDP must learn each new trainable set and ranks must agree on it;
+        # nothing is attached for a model that is not distributed.
+        from .distributed import attach
+
+        self._distributed = attach(model, root=self.module)
 
     # ------------------------------------------------------------------ the road
 
@@ -103,9 +145,11 @@ class Freezer:
 
     def apply(self, change: Change) -> None:
         if self.sync is not None:
+            before = len(self.sync.optimizer.param_groups)
             self.sync.apply(change)
+            extend_schedulers(self.lr_schedulers, before)
         if self.guard is not None:
-            self.guard.refresh()
+            self.guard.track()
 
     def close(self) -> None:
         """Detach from the model and optimizer (hooks removed)."""
@@ -115,6 +159,8 @@ class Freezer:
         if self.sync is not None:
             self.sync.remove()
         self._subscription.remove()
+        if self._distributed is not None:
+            self._distributed.remove()
 
     # ------------------------------------------------------------------ direct calls
 
@@ -156,14 +202,37 @@ class Freezer:
     # ------------------------------------------------------------------ schedule
 
     def set_epoch(self, epoch: int) -> list[Transition]:
-        """Apply the schedule at ``epoch``; returns the transitions made."""
+        """Apply the schedule at ``epoch``; returns the transitions made (and
+        any adaptive freezes made after optimizer steps since the last call)."""
         self.epoch = _check_time("epoch", epoch)
-        return self._apply_schedule()
+        return self._take_pending() + self._apply_schedule()
 
     def set_step(self, step: int) -> list[Transition]:
-        """Apply the schedule at ``step``; returns the transitions made."""
+        """Apply the schedule at ``step``; returns the transitions made (and
+        any adaptive freezes made after optimizer steps since the last call)."""
         self.step = _check_time("step", step)
-        return self._apply_schedule()
+        return self._take_pending() + self._apply_schedule()
+
+    def _take_pending(self) -> list[Transition]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _register_upfront(self) -> None:
+        assert self.sync is not None and self.schedule is not None
+        index = ModelIndex(self.module)
+        scales = self.schedule.trainable_scales(index)
+        names = self.sync.missing(list(scales), [index.by_canonical[n] for n in scales])
+        if not names:
+            return
+        base = self.sync.base_lr()
+        by_lr: dict[float, list[str]] = {}
+        for n in names:
+            scale = scales[n]
+            by_lr.setdefault(base if scale is None else base * scale, []).append(n)
+        before = len(self.sync.optimizer.param_groups)
+        for lr, group in by_lr.items():
+            self.sync.add_group(group, [index.by_canonical[n] for n in group], lr)
+        extend_schedulers(self.lr_schedulers, before)
 
     def _apply_schedule(self) -> list[Transition]:
         if self.schedule is None:
@@ -192,6 +261,16 @@ class Freezer:
         self.optimizer_steps += 1
         if self.guard is not None and self.optimizer_steps % self._guard_every == 0:
             self.guard.check()
+        grew = False
+        for _, collector in self._collectors:
+            if self.optimizer_steps % collector.rule.check_every == 0:
+                grew = collector.finish() or grew
+        if grew:
+            self._pending.extend(self._apply_schedule())
+
+    def _collect_norms(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for _, collector in self._collectors:
+            collector.collect()
 
     def check(self) -> None:
         """Verify now that no frozen parameter changed since it was frozen (or
@@ -224,6 +303,7 @@ class Freezer:
             "optimizer_steps": self.optimizer_steps,
             "added_groups": [{"params": names, "lr": lr} for names, lr in (self.sync.added if self.sync else [])],
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "grad_norms": {i: c.state_dict() for i, c in self._collectors},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,7 +332,10 @@ class Freezer:
                 "a different model? Nothing was changed"
             )
         if self.schedule is not None and state.get("schedule") is not None:
-            self.schedule.load_state_dict(state["schedule"])
+            try:
+                self.schedule.check_state_dict(state["schedule"])
+            except ValueError as exc:
+                raise StateDictError(f"{exc}. Nothing was changed") from None
         frozen = set(state.get("frozen", []))
         holds = state.get("holds", {})
         release = [m for m in index.modules if m not in holds]
@@ -261,7 +344,9 @@ class Freezer:
             for g in state.get("added_groups", []):
                 params = [index.by_canonical[n] for n in g["params"]]
                 if not any(id(p) in held for p in params):
+                    before = len(self.sync.optimizer.param_groups)
                     self.sync.add_group(list(g["params"]), params, float(g["lr"]))
+                    extend_schedulers(self.lr_schedulers, before)
         apply_change(
             self.module,
             freeze=[n for n in index.by_canonical if n in frozen],
@@ -273,6 +358,12 @@ class Freezer:
         self.epoch = state.get("epoch")
         self.step = state.get("step")
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        norms = state.get("grad_norms") or {}
+        for i, collector in self._collectors:
+            if i in norms:
+                collector.load_state_dict(norms[i])
         if self.guard is not None:
             self.guard.refresh()
 

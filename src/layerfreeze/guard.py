@@ -1,19 +1,22 @@
 """Fingerprints that prove frozen parameters did not move.
 
-A fingerprint is the sum of a tensor's raw bit patterns, read as integers and
-added in 64-bit integer arithmetic. Integer addition is exact, so changing any
-single element (even by one unit in the last place, or to a NaN with a
-different payload) changes the sum: no false negatives for the failure that
-matters, with one read of the tensor and no copy kept.
+A fingerprint is the sum of a tensor's raw bits, read as 64-bit integer words
+and added modulo 2**64. Integer addition is exact and order-free, so changing
+any single element (even by one unit in the last place, or to a NaN with a
+different payload) changes its word by a nonzero amount below 2**64, and so
+changes the sum: no false negatives for the failure that matters, with one
+read of the tensor and no copy kept.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from .errors import FrozenParameterChanged
-from .selectors import ModelIndex
+from .selectors import unwrap
 
 __all__ = ["Guard", "fingerprint"]
 
@@ -32,7 +35,13 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
         t = torch.view_as_real(t)
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    bits = t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+    flat = t.reshape(-1)
+    if flat.element_size() < 8 and flat.numel() * flat.element_size() % 8 == 0:
+        # Summing whole 64-bit words is ~10x faster than widening each 32-bit
+        # element to int64 first; a misaligned storage offset refuses the view.
+        with contextlib.suppress(RuntimeError):
+            return flat.view(torch.int64).sum()
+    bits = flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.is_floating_point() else flat
     return bits.sum(dtype=torch.int64)
 
 
@@ -49,12 +58,28 @@ class Guard:
         self.refresh()
 
     def _frozen(self) -> list[tuple[str, nn.Parameter]]:
-        index = ModelIndex(self.model)
-        return [(n, p) for n, p in index.by_canonical.items() if not p.requires_grad and not p.is_meta]
+        # named_parameters() yields each shared tensor once, under its first
+        # (canonical) name, without the cost of building a ModelIndex per step.
+        return [
+            (n, p) for n, p in unwrap(self.model).named_parameters() if not p.requires_grad and not p.is_meta
+        ]
 
     def refresh(self) -> None:
         """Take new fingerprints of every frozen parameter (accepting any change)."""
         self._prints = {id(p): (n, p, fingerprint(p)) for n, p in self._frozen()}
+
+    def track(self) -> None:
+        """Follow a freeze change without accepting any value change.
+
+        Newly frozen parameters are fingerprinted, unfrozen ones forgotten,
+        and parameters that stayed frozen keep their old fingerprints, so a
+        change made to them before this call is still reported by the next
+        :meth:`check`.
+        """
+        self._prints = {
+            id(p): self._prints[id(p)] if id(p) in self._prints else (n, p, fingerprint(p))
+            for n, p in self._frozen()
+        }
 
     def check(self) -> None:
         """Raise :class:`FrozenParameterChanged` if a frozen parameter changed.

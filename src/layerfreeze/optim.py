@@ -80,7 +80,7 @@ class OptimizerSync:
 
     def missing(self, names: Sequence[str], params: Sequence[nn.Parameter]) -> list[str]:
         held = optimizer_param_ids(self.optimizer)
-        return [n for n, p in zip(names, params) if id(p) not in held]
+        return [n for n, p in zip(names, params, strict=True) if id(p) not in held]
 
     def validate(self, change: Change) -> None:
         if self.on_missing == "raise":

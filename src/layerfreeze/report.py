@@ -73,7 +73,8 @@ def summary(model: nn.Module, depth: int = 2) -> str:
     for col, justify in (("module", "left"), ("type", "left"), ("parameters", "right"),
                          ("trainable", "right"), ("frozen", "right"), ("mode", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    seen: set[int] = set()
+    # a shared parameter belongs to the first module that registers it; other
+    # modules holding it leave it out, so child rows add up to their parent
     owner: dict[int, str] = {}
     for name, module in index.model.named_modules():
         for p in module.parameters(recurse=False):
@@ -84,10 +85,9 @@ def summary(model: nn.Module, depth: int = 2) -> str:
             continue
         trainable = frozen = 0
         for p in module.parameters():
-            if id(p) in seen and level == 0:
+            home = owner[id(p)]
+            if name and home != name and not home.startswith(name + "."):
                 continue
-            if level == 0:
-                seen.add(id(p))
             if p.requires_grad:
                 trainable += p.numel()
             else:

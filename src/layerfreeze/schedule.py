@@ -10,32 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .core import _check_mode, _is_stat_norm
-from .selectors import ModelIndex, Resolution, resolve
+from .core import _is_stat_norm
+from .rules import (
+    AdaptiveFreezeRule,
+    Decision,
+    FreezeRule,
+    GradualUnfreezeRule,
+    ProgressiveFreezeRule,
+    Rule,
+)
+from .selectors import ModelIndex, Resolution
+
+if TYPE_CHECKING:
+    from .timeline import TimelineRow
 
 __all__ = ["Decision", "FreezeRule", "Plan", "Rule", "Schedule"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One rule's verdict on one selection at one point in training.
-
-    Attributes:
-        res: the selection.
-        frozen: frozen (True) or trainable (False).
-        mode: the mode for a freeze (see :func:`layerfreeze.freeze`).
-        lr_scale: for an unfreeze, multiply the Freezer's base lr by this for
-            any param group the Freezer adds (discriminative learning rates).
-    """
-
-    res: Resolution
-    frozen: bool
-    mode: str = "norm"
-    lr_scale: float | None = None
 
 
 @dataclass
@@ -49,108 +43,6 @@ class Plan:
 
     def frozen(self) -> list[str]:
         return [n for n, f in self.state.items() if f]
-
-
-class Rule:
-    """Base class of schedule rules.
-
-    Subclasses set ``kind`` (the key naming the rule in a config dict) and
-    implement :meth:`decide` and :meth:`to_dict`.
-    """
-
-    kind: ClassVar[str] = "rule"
-    mode: str = "norm"
-
-    def decide(
-        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
-    ) -> list[Decision]:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def validate(self, index: ModelIndex, *, origin: str) -> None:
-        """Raise if the rule's selectors do not fit ``index``'s model."""
-
-    # rules with internal state (e.g. adaptive ones) override these
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-
-def _check_bound(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {value!r}")
-    return value
-
-
-class FreezeRule(Rule):
-    """Frozen while ``from <= t < until`` (a missing bound is open), trainable otherwise.
-
-    With both epoch and step bounds, frozen only while both hold. Before the
-    Freezer knows the epoch (or step) a bound needs, the rule decides nothing.
-    """
-
-    kind = "freeze"
-
-    def __init__(
-        self,
-        selector: object,
-        *,
-        exclude: object = (),
-        from_epoch: int | None = None,
-        until_epoch: int | None = None,
-        from_step: int | None = None,
-        until_step: int | None = None,
-        mode: str = "norm",
-    ) -> None:
-        self.selector = selector
-        self.exclude = exclude
-        self.from_epoch = _check_bound("from_epoch", from_epoch)
-        self.until_epoch = _check_bound("until_epoch", until_epoch)
-        self.from_step = _check_bound("from_step", from_step)
-        self.until_step = _check_bound("until_step", until_step)
-        self.mode = _check_mode(mode)
-
-    def _selectors(self) -> list[object]:
-        return list(self.selector) if isinstance(self.selector, (list, tuple)) else [self.selector]
-
-    def validate(self, index: ModelIndex, *, origin: str) -> None:
-        resolve(index, self._selectors(), self.exclude, origin=origin, default_all=False)
-
-    def decide(
-        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
-    ) -> list[Decision]:
-        checks = []
-        if self.from_epoch is not None or self.until_epoch is not None:
-            if epoch is None:
-                return []
-            checks.append(_within(epoch, self.from_epoch, self.until_epoch))
-        if self.from_step is not None or self.until_step is not None:
-            if step is None:
-                return []
-            checks.append(_within(step, self.from_step, self.until_step))
-        res = resolve(index, self._selectors(), self.exclude, origin=origin, default_all=False)
-        return [Decision(res, all(checks), self.mode)]
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {self.kind: self.selector}
-        for key in ("from_epoch", "until_epoch", "from_step", "until_step"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.exclude not in ((), [], None):
-            out["exclude"] = self.exclude
-        if self.mode != "norm":
-            out["mode"] = self.mode
-        return out
-
-
-def _within(t: int, lo: int | None, hi: int | None) -> bool:
-    return (lo is None or t >= lo) and (hi is None or t < hi)
 
 
 class Schedule:
@@ -201,6 +93,203 @@ class Schedule:
             )
         )
 
+    def gradual_unfreeze(
+        self,
+        groups: object,
+        *,
+        start_epoch: int,
+        every: int = 1,
+        lr_decay: float | None = None,
+        mode: str = "norm",
+    ) -> Schedule:
+        """ULMFiT-style: all groups frozen before ``start_epoch``; then the top
+        group trains, and one more group below it every ``every`` epochs.
+
+        Args:
+            groups: a selector of a container whose children are the groups
+                (``"encoder.layer"``), or a list of selectors, bottom first.
+            start_epoch: the epoch the top group unfreezes.
+            every: epochs between two unfreezes.
+            lr_decay: ``d``: the group ``k`` places below the top trains at
+                ``lr * d**k`` (``lr``: the Freezer's ``unfreeze_lr``, else the
+                optimizer's group 0 lr).
+            mode: see :func:`layerfreeze.freeze`.
+
+        Returns:
+            The schedule, for chaining.
+
+        Example:
+            >>> import torch.nn as nn, layerfreeze as lf
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+            >>> s = lf.Schedule().gradual_unfreeze(["[0]", "[1]"], start_epoch=1, lr_decay=0.5)
+            >>> [r.frozen for r in s.timeline(net, epochs=3)]
+            [['[0]', '[1]'], ['[0]'], []]
+        """
+        return self.add(
+            GradualUnfreezeRule(groups, start_epoch=start_epoch, every=every, lr_decay=lr_decay, mode=mode)
+        )
+
+    def progressive_freeze(
+        self,
+        groups: object,
+        *,
+        start: float,
+        end: float,
+        total_epochs: int | None = None,
+        total_steps: int | None = None,
+        mode: str = "norm",
+    ) -> Schedule:
+        """FreezeOut-style: group ``i`` of ``n`` (bottom first) freezes for good once
+        the training fraction reaches ``start + (end - start) * i / (n - 1)``.
+
+        Args:
+            groups: a container selector or a list of selectors, bottom first.
+            start, end: fractions of training, ``0 <= start <= end <= 1``.
+            total_epochs: training length in epochs, or
+            total_steps: in steps (give exactly one).
+            mode: see :func:`layerfreeze.freeze`.
+
+        Returns:
+            The schedule, for chaining.
+
+        Example:
+            >>> import torch.nn as nn, layerfreeze as lf
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+            >>> s = lf.Schedule().progressive_freeze(["[0]", "[1]"], start=0.5, end=1.0, total_epochs=2)
+            >>> s.frozen_at(net, epoch=1)
+            ['0.weight', '0.bias']
+        """
+        return self.add(
+            ProgressiveFreezeRule(
+                groups, start=start, end=end, total_epochs=total_epochs, total_steps=total_steps, mode=mode
+            )
+        )
+
+    def adaptive_freeze(
+        self,
+        groups: object,
+        *,
+        check_every: int,
+        percentile: float = 50,
+        min_trainable: int = 1,
+        mode: str = "norm",
+    ) -> Schedule:
+        """AutoFreeze-style: every ``check_every`` optimizer steps, freeze the
+        longest bottom prefix of groups whose gradient-norm change is below the
+        ``percentile``-th percentile, leaving ``min_trainable`` groups trainable.
+
+        The Freezer measures the gradient norms in the optimizer's step
+        pre-hook (no second backward) and applies the freeze right after that
+        step. See :class:`~layerfreeze.rules.AdaptiveFreezeRule`.
+
+        Returns:
+            The schedule, for chaining.
+
+        Example:
+            >>> import layerfreeze as lf
+            >>> s = lf.Schedule().adaptive_freeze("encoder.layer", check_every=50)
+            >>> s.to_dict()
+            {'rules': [{'adaptive_freeze': 'encoder.layer', 'check_every': 50}]}
+        """
+        return self.add(
+            AdaptiveFreezeRule(
+                groups, check_every=check_every, percentile=percentile, min_trainable=min_trainable, mode=mode
+            )
+        )
+
+    # ------------------------------------------------------------------ config
+
+    @classmethod
+    def from_dict(cls, config: object) -> Schedule:
+        """Build a schedule from a dict shaped like the method calls.
+
+        ``{"rules": [{"gradual_unfreeze": "encoder.layer", "start_epoch": 2}]}``:
+        in each rule, the key naming the kind holds the selector or groups, the
+        other keys are its keyword arguments.
+
+        Raises:
+            ScheduleError: an unknown key or kind, a wrong type or value; the
+                message names the rule (index and kind) and the key.
+
+        Example:
+            >>> import layerfreeze as lf
+            >>> lf.Schedule.from_dict({"rules": [{"freeze": "bert", "until_epoch": 4}]})
+            Schedule([{'freeze': 'bert', 'until_epoch': 4}])
+        """
+        from .config import schedule_from_dict
+
+        return schedule_from_dict(config, cls)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Schedule:
+        """Read a schedule from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file.
+
+        Raises:
+            ScheduleError: the file cannot be parsed (duplicate YAML keys
+                included) or does not describe a valid schedule.
+        """
+        from .config import load_config
+
+        return cls.from_dict(load_config(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :meth:`from_dict` turns back into this schedule."""
+        return {"rules": [rule.to_dict() for rule in self.rules]}
+
+    # ------------------------------------------------------------------ inspection
+
+    def groups(self, model: nn.Module | ModelIndex) -> list[tuple[str, Resolution]]:
+        """Every rule's groups as (label, selection), in rule order, each label once."""
+        index = model if isinstance(model, ModelIndex) else ModelIndex(model)
+        seen: dict[str, Resolution] = {}
+        for i, rule in enumerate(self.rules):
+            for label, res in rule.groups(index, origin=self.origin(i)):
+                seen.setdefault(label, res)
+        return list(seen.items())
+
+    def trainable_scales(self, model: nn.Module | ModelIndex) -> dict[str, float | None]:
+        """Parameters some rule may make trainable, with the lr scale the last
+        such rule gives them (None: the base lr), in model order."""
+        index = model if isinstance(model, ModelIndex) else ModelIndex(model)
+        out: dict[str, float | None] = {}
+        for i, rule in enumerate(self.rules):
+            out.update(rule.trainable_scales(index, origin=self.origin(i)))
+        return {n: out[n] for n in index.order if n in out}
+
+    def timeline(
+        self,
+        model: nn.Module,
+        epochs: int,
+        *,
+        start: int = 0,
+        steps_per_epoch: int | None = None,
+        lr: float = 1.0,
+    ) -> list[TimelineRow]:
+        """The plan, one row per epoch, without touching the model.
+
+        Args:
+            model: the model the schedule is for.
+            epochs: how many epochs to show.
+            start: the first epoch.
+            steps_per_epoch: for step-based rules: row ``e`` is taken at step
+                ``e * steps_per_epoch``.
+            lr: the base learning rate; the rows' lrs are ``lr`` times each
+                group's scale (1.0: show the scales).
+
+        Returns:
+            list[TimelineRow]: epoch, frozen group labels, trainable
+            parameter count, lr per trainable group.
+
+        Example:
+            >>> import torch.nn as nn, layerfreeze as lf
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+            >>> [r.trainable for r in lf.Schedule().freeze("[0]", until_epoch=1).timeline(net, 2)]
+            [3, 9]
+        """
+        from .timeline import timeline
+
+        return timeline(self, model, epochs, start=start, steps_per_epoch=steps_per_epoch, lr=lr)
+
     def origin(self, i: int) -> str:
         return f"rule {i} ({self.rules[i].kind})"
 
@@ -243,28 +332,34 @@ class Schedule:
                 modes[name] = mode
         return Plan(state, modes, list(released), scale)
 
-    def frozen_at(
-        self, model: nn.Module, epoch: int | None = None, step: int | None = None
-    ) -> list[str]:
+    def frozen_at(self, model: nn.Module, epoch: int | None = None, step: int | None = None) -> list[str]:
         """Canonical names frozen at (epoch, step): the rules' verdicts, and
         the current state of parameters no rule governs."""
         index = ModelIndex(model)
         plan = self.plan(index, epoch, step)
         return [n for n, p in index.by_canonical.items() if plan.state.get(n, not p.requires_grad)]
 
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict that :meth:`from_dict` turns back into this schedule."""
-        return {"rules": [rule.to_dict() for rule in self.rules]}
-
     def state_dict(self) -> dict[str, Any]:
         return {"rules": [rule.state_dict() for rule in self.rules]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        rules = state.get("rules", [])
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would refuse ``state``."""
+        rules = state.get("rules", []) if isinstance(state, dict) else None
+        if not isinstance(rules, list):
+            raise ValueError("a schedule state must be a dict with a 'rules' list")
         if len(rules) != len(self.rules):
             raise ValueError(
-                f"schedule state has {len(rules)} rules, this schedule has {len(self.rules)}"
+                f"schedule state has {len(rules)} rules, this schedule has {len(self.rules)}; "
+                "build the Freezer with the schedule the checkpoint was saved with"
             )
-        for rule, rs in zip(self.rules, rules):
-            rule.load_state_dict(rs)
+        for i, (rule, rs) in enumerate(zip(self.rules, rules, strict=True)):
+            try:
+                rule.check_state_dict(rs)
+            except ValueError as exc:
+                raise ValueError(f"{self.origin(i)}: {exc}") from None
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the rules' recorded state (the adaptive rule's statistics)."""
+        self.check_state_dict(state)
+        for rule, rs in zip(self.rules, state["rules"], strict=True):
+            rule.load_state_dict(rs)

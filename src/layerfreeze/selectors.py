@@ -14,7 +14,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, Union
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -23,8 +23,8 @@ from .errors import SelectorError, SelectorTypeError
 
 __all__ = ["Selector", "SelectorLike", "ModelIndex", "Resolution", "resolve", "select", "unwrap"]
 
-Selector: TypeAlias = Union[str, type, Callable[[str, nn.Module], bool]]
-SelectorLike: TypeAlias = Union[Selector, Sequence[Selector]]
+Selector: TypeAlias = str | type | Callable[[str, nn.Module], bool]
+SelectorLike: TypeAlias = Selector | Sequence[Selector]
 
 
 def unwrap(model: object) -> nn.Module:
@@ -42,15 +42,16 @@ def unwrap(model: object) -> nn.Module:
             f"expected a torch.nn.Module, got {type(model).__name__}; "
             "pass the model itself (not its state_dict or parameters())"
         )
+    module: nn.Module = model
     while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
         if isinstance(inner, nn.Module):
-            model = inner
+            module = inner
             continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
             continue
-        return model
+        return module
 
 
 class ModelIndex:

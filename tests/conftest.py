@@ -1,0 +1,143 @@
+"""Shared models for the test suite.
+
+- ``Net``: the seed's toy net, five linear layers 10-3-3-3-3-1 (73 parameters;
+  fc2 holds 12 of them).
+- ``TiedLM``: a tiny language model whose output head shares its weight with
+  the token embedding.
+- ``SmallCNN``: conv/BatchNorm/Dropout features and a linear head.
+- ``tiny_bert``: a randomly initialised ``transformers.BertModel`` from a
+  small ``BertConfig`` (no download).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import layerfreeze as lf
+
+
+class Net(nn.Module):
+    """The seed's 5-layer toy net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 3)
+        self.fc2 = nn.Linear(3, 3)
+        self.fc3 = nn.Linear(3, 3)
+        self.fc4 = nn.Linear(3, 3)
+        self.fc5 = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (self.fc1, self.fc2, self.fc3, self.fc4, self.fc5):
+            x = layer(x)
+        return x
+
+
+class TiedLM(nn.Module):
+    """Embedding -> block -> head, with ``lm_head.weight is embed.weight``."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.block(self.embed(tokens))))
+
+
+class SmallCNN(nn.Module):
+    """features: conv, BN, ReLU, conv, BN, ReLU, Dropout; then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+        )
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def make_net() -> Callable[[], Net]:
+    """A factory, for tests that need several identical seed nets."""
+
+    def make() -> Net:
+        torch.manual_seed(0)
+        return Net()
+
+    return make
+
+
+@pytest.fixture
+def tied_lm() -> TiedLM:
+    torch.manual_seed(0)
+    return TiedLM()
+
+
+@pytest.fixture
+def cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+@pytest.fixture
+def tiny_bert() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+    )
+    return transformers.BertModel(config)
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Everything a freeze change may touch, in comparable form."""
+    from layerfreeze.core import _keeper
+
+    out: dict[str, Any] = {
+        "flags": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        "grads": {n: id(p.grad) if p.grad is not None else None for n, p in model.named_parameters()},
+        "ids": {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "holds": {
+            n: (k.mode, k.requested) for n, m in model.named_modules() if (k := _keeper(m)) is not None
+        },
+        "counts": lf.count_parameters(model),
+    }
+    if optimizer is not None:
+        out["groups"] = [
+            ([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+            for g in optimizer.param_groups
+        ]
+        out["state"] = {id(p): sorted(s) for p, s in optimizer.state.items()}
+    return out
+
+
+@pytest.fixture
+def take_snapshot() -> Callable[..., dict[str, Any]]:
+    return snapshot

@@ -1,0 +1,113 @@
+"""Freeze transitions on a ``torch.compile``d model: right gradients, at most
+one recompilation per transition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import layerfreeze as lf
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class CountingBackend:
+    """A dynamo backend that runs graphs eagerly and counts compilations."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.compiles += 1
+        return gm.forward
+
+
+def _schedule() -> lf.Schedule:
+    # epoch 0: fc2 frozen; 1: all trainable; 2: fc1 frozen; 3: fc3 frozen
+    return (
+        lf.Schedule()
+        .freeze("fc2", until_epoch=1)
+        .freeze("fc1", from_epoch=2, until_epoch=3)
+        .freeze("fc3", from_epoch=3)
+    )
+
+
+def _run(compiled: bool) -> tuple[list[dict[str, torch.Tensor | None]], list[int], list[list[str]]]:
+    torch.manual_seed(0)
+    net = Net()
+    backend = CountingBackend()
+    model = torch.compile(net, backend=backend) if compiled else net
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(model, opt, _schedule())
+    grads, compiles, actions = [], [], []
+    g = torch.Generator().manual_seed(1)
+    for epoch in range(4):
+        actions.append([t.action for t in fz.set_epoch(epoch)])
+        for _ in range(2):
+            x, y = torch.randn(5, 4, generator=g), torch.randn(5, 1, generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(fz.model(x), y).backward()
+            grads.append({n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()})
+            opt.step()
+        compiles.append(backend.compiles)
+    return grads, compiles, actions
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Any]:
+    torch._dynamo.reset()
+    out = {"eager": _run(False), "compiled": _run(True)}
+    torch._dynamo.reset()
+    return out
+
+
+def test_compiled_gradients_match_eager_and_frozen_get_none(runs: dict[str, Any]) -> None:
+    eager, compiled = runs["eager"][0], runs["compiled"][0]
+    frozen_by_step = [("fc2",)] * 2 + [()] * 2 + [("fc1",)] * 2 + [("fc3",)] * 2
+    for step, (ge, gc) in enumerate(zip(eager, compiled, strict=True)):
+        for name in ge:
+            layer = name.split(".")[0]
+            if layer in frozen_by_step[step]:
+                assert gc[name] is None, (step, name)
+            else:
+                assert gc[name] is not None and torch.equal(gc[name], ge[name]), (step, name)
+
+
+def test_each_transition_costs_at_most_one_recompile(runs: dict[str, Any]) -> None:
+    compiles, actions = runs["compiled"][1], runs["compiled"][2]
+    assert actions == [["freeze"], ["unfreeze"], ["freeze"], ["freeze", "unfreeze"]]
+    assert compiles[0] == 1
+    for before, after in zip(compiles, compiles[1:], strict=False):
+        assert after - before <= 1
+    # three new trainable sets after the first: at most three recompiles
+    assert compiles[-1] <= 4
+
+
+def test_plain_compiled_model_recompiles_on_requires_grad_flip() -> None:
+    # the cost being bounded: dynamo guards on requires_grad, so a flip is
+    # always seen (no stale graph computing gradients for a frozen weight)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Net()
+    backend = CountingBackend()
+    model = torch.compile(net, backend=backend)
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    net.fc1.requires_grad_(False)
+    net.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert net.fc1.weight.grad is None
+    assert backend.compiles == 2
+    torch._dynamo.reset()

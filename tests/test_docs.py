@@ -1,0 +1,110 @@
+"""The documentation's Python examples run, and its claims about PyTorch hold.
+
+Every fenced block whose info string is exactly ``python`` in README.md and
+docs/**/*.md is executed; the blocks of one file run in order in one shared
+namespace, in a temporary working directory. Fence a block as ``py`` or
+``text`` to show code without running it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n]*)$")
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """(first line number, source) of each ```python block in a markdown text."""
+    blocks: list[tuple[int, str]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        fence, indent = m.group("fence"), len(m.group("indent"))
+        body: list[str] = []
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        if m.group("info").strip() == "python":
+            blocks.append((i + 2, "\n".join(body) + "\n"))
+        i = j + 1
+    return blocks
+
+
+def _documents() -> list[Path]:
+    docs = sorted((ROOT / "docs").rglob("*.md")) if (ROOT / "docs").is_dir() else []
+    readme = ROOT / "README.md"
+    return ([readme] if readme.is_file() else []) + docs
+
+
+DOCUMENTS = [p for p in _documents() if python_blocks(p.read_text(encoding="utf-8"))]
+
+
+def test_the_extractor_finds_only_python_blocks():
+    text = "intro\n```python\na = 1\n```\n```py\nnot run\n```\n  ```python\n  b = a + 1\n  ```\n```text\nx\n```\n"
+    assert python_blocks(text) == [(3, "a = 1\n"), (9, "b = a + 1\n")]
+
+
+def test_concepts_page_has_examples():
+    assert ROOT / "docs" / "concepts.md" in DOCUMENTS
+    assert len(python_blocks((ROOT / "docs" / "concepts.md").read_text(encoding="utf-8"))) >= 4
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
+    for line, source in python_blocks(path.read_text(encoding="utf-8")):
+        # Padding keeps traceback line numbers equal to the markdown file's.
+        code = compile("\n" * (line - 1) + source, str(path), "exec")
+        exec(code, namespace)
+
+
+def test_no_grad_leaves_requires_grad_untouched():
+    """no_grad does not set requires_grad=False on parameters: flags stay as they were,
+    only results computed inside carry no graph."""
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    net[1].bias.requires_grad_(False)  # a mix of flags, to see that none is rewritten
+    flags = [p.requires_grad for p in net.parameters()]
+    with torch.no_grad():
+        inside = [p.requires_grad for p in net.parameters()]
+        out = net(torch.randn(2, 3))
+        assert not torch.is_grad_enabled()
+    assert inside == flags == [True, True, True, False]
+    assert [p.requires_grad for p in net.parameters()] == flags
+    assert out.grad_fn is None and not out.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.sum().backward()
+    # The same parameters still train once outside the block: nothing was frozen.
+    net(torch.randn(2, 3)).sum().backward()
+    assert net[0].weight.grad is not None and net[1].bias.grad is None
+
+
+def test_no_grad_does_not_stop_an_optimizer_or_batchnorm_statistics():
+    bn = nn.BatchNorm1d(3)
+    bn.weight.grad = torch.ones(3)
+    opt = torch.optim.SGD(bn.parameters(), lr=0.5)
+    with torch.no_grad():
+        bn(torch.randn(4, 3) + 2.0)
+        opt.step()
+    assert bn.running_mean.abs().sum() > 0
+    assert torch.equal(bn.weight.detach(), torch.full((3,), 0.5))
+
+
+def test_eval_mode_does_not_freeze():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1).eval()
+    before = net.weight.detach().clone()
+    net(torch.randn(2, 3)).sum().backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert net.weight.requires_grad and not net.weight.equal(before)

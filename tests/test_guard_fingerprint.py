@@ -1,0 +1,67 @@
+"""The guard's fingerprint sees any single-element change, on every read path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfreeze.guard import fingerprint
+
+
+def _nudge(t: torch.Tensor, i: int) -> None:
+    """Move element ``i`` of ``t`` (in place, layout kept) by the smallest step its dtype allows."""
+    idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape))
+    if t.is_floating_point():
+        t[idx] = torch.nextafter(t[idx], torch.tensor(float("inf"), dtype=t.dtype))
+    else:
+        t[idx] += 1
+
+
+def _rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+CASES = {
+    "float32 even (64-bit words)": lambda: _rand(6, 4),
+    "float32 odd count": lambda: _rand(3, 3),
+    "float32 misaligned view": lambda: _rand(9)[1:],
+    "float32 non-contiguous": lambda: _rand(4, 6).t(),
+    "float16": lambda: _rand(8).half(),
+    "bfloat16 odd count": lambda: _rand(5).bfloat16(),
+    "float64": lambda: _rand(5).double(),
+    "int64 near overflow": lambda: torch.full((7,), 2**62, dtype=torch.int64),
+    "uint8": lambda: torch.arange(16, dtype=torch.uint8),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_any_single_element_change_changes_the_fingerprint(name):
+    make = CASES[name]
+    base = fingerprint(make())
+    assert base.dtype == torch.int64 and base.dim() == 0
+    assert torch.equal(fingerprint(make()), base)  # equal values, equal fingerprint
+    for i in range(make().numel()):
+        t = make()
+        _nudge(t, i)
+        assert not torch.equal(fingerprint(t), base), f"element {i} of {name}"
+
+
+def test_words_that_overflow_still_detect_a_change():
+    # 64-bit words summing far past 2**63: the sum wraps, and a change still shows.
+    words = torch.full((1001,), 2**62 + 12345, dtype=torch.int64)
+    as_float = words.view(torch.float32)
+    base = fingerprint(as_float)
+    for i in (0, 777, as_float.numel() - 1):
+        changed = as_float.clone()
+        changed[i] = -changed[i]
+        assert not torch.equal(fingerprint(changed), base)
+
+
+def test_nan_payload_and_signed_zero_are_seen():
+    t = torch.zeros(4)
+    base = fingerprint(t)
+    t[2] = -0.0
+    assert not torch.equal(fingerprint(t), base)
+    nan_a = torch.tensor([0x7FC00000], dtype=torch.int32).view(torch.float32)
+    nan_b = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    assert not torch.equal(fingerprint(nan_a.repeat(2)), fingerprint(torch.cat([nan_a, nan_b])))

@@ -1,0 +1,273 @@
+"""Schedule rules: gradual unfreezing, progressive and adaptive freezing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import layerfreeze as lf
+from layerfreeze.rules import AdaptiveFreezeRule
+
+
+def stack(n: int = 4, width: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(width, width) for _ in range(n)]
+    return nn.Sequential(nn.Sequential(*layers), nn.Linear(width, 1))
+
+
+def frozen_layers(model: nn.Module) -> list[int]:
+    return [i for i, m in enumerate(model[0]) if not m.weight.requires_grad]
+
+
+# --------------------------------------------------------------------------- gradual unfreeze
+
+
+def test_gradual_unfreeze_container_top_first_every_two_epochs() -> None:
+    model = stack()
+    s = lf.Schedule().gradual_unfreeze("0", start_epoch=2, every=2)
+    got = [[n.split(".")[1] for n in s.frozen_at(model, epoch=e) if n.endswith("weight")] for e in range(10)]
+    assert got == [
+        ["0", "1", "2", "3"],
+        ["0", "1", "2", "3"],
+        ["0", "1", "2"],
+        ["0", "1", "2"],
+        ["0", "1"],
+        ["0", "1"],
+        ["0"],
+        ["0"],
+        [],
+        [],
+    ]
+
+
+def test_gradual_unfreeze_list_of_selectors_and_discriminative_lrs() -> None:
+    model = stack(3)
+    opt = torch.optim.AdamW(model[1].parameters(), lr=0.1)
+    s = lf.Schedule().gradual_unfreeze(["0.0", "0.1", "0.2"], start_epoch=1, lr_decay=0.5)
+    fz = lf.Freezer(model, opt, s)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr_of[id(model[0][i].weight)] for i in range(3)] == pytest.approx([0.025, 0.05, 0.1])
+    assert lr_of[id(model[1].weight)] == 0.1
+    fz.set_epoch(0)
+    assert frozen_layers(model) == [0, 1, 2]
+    fz.set_epoch(1)
+    assert frozen_layers(model) == [0, 1]
+    fz.set_epoch(3)
+    assert frozen_layers(model) == []
+
+
+def test_gradual_unfreeze_uses_unfreeze_lr_as_base() -> None:
+    model = stack(2)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    lf.Freezer(model, opt, lf.Schedule().gradual_unfreeze("0", start_epoch=0, lr_decay=0.1), unfreeze_lr=0.01)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model[0][0].weight)] == pytest.approx(0.001)
+    assert lr_of[id(model[0][1].weight)] == pytest.approx(0.01)
+
+
+def test_gradual_unfreeze_on_bert_encoder_layers(tiny_bert: nn.Module) -> None:
+    s = lf.Schedule().freeze("embeddings").gradual_unfreeze("encoder.layer", start_epoch=1, lr_decay=0.8)
+    groups = [label for label, _ in s.groups(tiny_bert)]
+    assert groups == ["embeddings", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2", "encoder.layer.3"]
+    opt = torch.optim.AdamW(tiny_bert.pooler.parameters(), lr=1e-3)
+    fz = lf.Freezer(tiny_bert, opt, s)
+    fz.set_epoch(0)
+    assert all(not p.requires_grad for p in tiny_bert.encoder.parameters())
+    fz.set_epoch(2)
+    trainable = {n.split(".")[2] for n, p in tiny_bert.encoder.named_parameters(prefix="encoder") if p.requires_grad}
+    assert trainable == {"2", "3"}
+    assert all(not p.requires_grad for p in tiny_bert.embeddings.parameters())
+    # every encoder parameter is registered, at lr * 0.8**k from the top
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for k, layer in enumerate(reversed(tiny_bert.encoder.layer)):
+        assert [lr_of[id(p)] for p in layer.parameters()] == pytest.approx([1e-3 * 0.8**k] * 16)
+
+
+def test_gradual_unfreeze_decides_nothing_without_an_epoch() -> None:
+    model = stack(2)
+    s = lf.Schedule().gradual_unfreeze("0", start_epoch=1)
+    assert s.frozen_at(model, step=5) == []
+    fz = lf.Freezer(model, None, s)
+    assert fz.set_step(3) == []
+
+
+# --------------------------------------------------------------------------- progressive freeze
+
+
+def test_progressive_freeze_thresholds_by_epoch() -> None:
+    model = stack(3)
+    s = lf.Schedule().progressive_freeze(["0.0", "0.1", "0.2"], start=0.5, end=0.9, total_epochs=10)
+    fz = lf.Freezer(model, None, s)
+    seen = []
+    for e in range(10):
+        fz.set_epoch(e)
+        seen.append(frozen_layers(model))
+    # group i freezes at 0.5 + 0.4 * i / 2: epochs 5, 7, 9
+    assert seen == [[]] * 5 + [[0]] * 2 + [[0, 1]] * 2 + [[0, 1, 2]]
+
+
+def test_progressive_freeze_by_steps_top_trains_to_the_end() -> None:
+    model = stack(4)
+    s = lf.Schedule().progressive_freeze("0", start=0.0, end=1.0, total_steps=12)
+    fz = lf.Freezer(model, None, s)
+    got = {}
+    for step in range(12):
+        fz.set_step(step)
+        got[step] = frozen_layers(model)
+    assert got[0] == [0]
+    assert got[4] == [0, 1]
+    assert got[8] == [0, 1, 2]
+    assert got[11] == [0, 1, 2]  # the top group freezes only at the very end
+    assert s.frozen_at(model, step=12) != [] and len(s.frozen_at(model, step=12)) == 8
+
+
+def test_progressive_freeze_arguments_are_checked() -> None:
+    with pytest.raises(lf.ScheduleError, match="exactly one of total_epochs and total_steps"):
+        lf.Schedule().progressive_freeze("0", start=0.1, end=0.5)
+    with pytest.raises(lf.ScheduleError, match=r"end must be in \[0.6, 1.0\]"):
+        lf.Schedule().progressive_freeze("0", start=0.6, end=0.5, total_epochs=3)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_later_rules_win_where_they_overlap() -> None:
+    model = stack(3)
+    s = lf.Schedule().gradual_unfreeze("0", start_epoch=0, every=1).freeze("0.2", until_epoch=4)
+    assert [frozen_layers_at(s, model, e) for e in range(5)] == [[0, 1, 2], [0, 2], [2], [2], []]
+    t = lf.Schedule().freeze("0.2", until_epoch=4).gradual_unfreeze("0", start_epoch=0, every=1)
+    assert frozen_layers_at(t, model, 0) == [0, 1]
+
+
+def frozen_layers_at(s: lf.Schedule, model: nn.Module, epoch: int) -> list[int]:
+    names = s.frozen_at(model, epoch=epoch)
+    return sorted({int(n.split(".")[1]) for n in names if n.startswith("0.")})
+
+
+def test_transitions_are_logged_and_returned(caplog: pytest.LogCaptureFixture) -> None:
+    model = stack(2)
+    fz = lf.Freezer(model, torch.optim.SGD(model.parameters(), lr=0.1), lf.Schedule().gradual_unfreeze("0", start_epoch=1))
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        made = fz.set_epoch(0) + fz.set_epoch(1)
+    assert [t.action for t in made] == ["freeze", "unfreeze"]
+    assert made[1].names == ("0.1.weight", "0.1.bias")
+    assert made[1].trainable == 25
+    messages = [r.getMessage() for r in caplog.records if r.name == "layerfreeze"]
+    assert messages == [str(t) for t in made]
+    assert "trainable now 25" in messages[1]
+
+
+def test_upfront_registration_skipped_when_told_to_raise() -> None:
+    model = stack(2)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    fz = lf.Freezer(model, opt, lf.Schedule().gradual_unfreeze("0", start_epoch=1), on_missing="raise")
+    assert len(opt.param_groups) == 1
+    fz.set_epoch(0)
+    with pytest.raises(lf.OptimizerSyncError, match="belong to no param group"):
+        fz.set_epoch(1)
+
+
+def test_group_selector_errors_name_rule_and_key() -> None:
+    model = stack(2)
+    with pytest.raises(lf.SelectorError, match=r"rule 1 \(gradual_unfreeze\), key 'gradual_unfreeze'.*'encoder'"):
+        lf.Freezer(model, None, lf.Schedule().freeze("1").gradual_unfreeze("encoder", start_epoch=1))
+    with pytest.raises(lf.SelectorError, match=r"rule 0 \(progressive_freeze\), key 'progressive_freeze'\[1\]"):
+        lf.Schedule().progressive_freeze(["0.0", "0.9"], start=0, end=1, total_epochs=2).validate(model)
+    with pytest.raises(lf.SelectorError, match="no child modules with parameters"):
+        lf.Schedule().gradual_unfreeze("1", start_epoch=0).validate(model)
+    with pytest.raises(lf.ScheduleError, match="start_epoch must be an int"):
+        lf.Schedule().gradual_unfreeze("0", start_epoch="2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="start_epoch must be an int"):
+        lf.Schedule().gradual_unfreeze("0", start_epoch=1.5)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- adaptive freeze
+
+
+def test_adaptive_update_freezes_the_settled_bottom_prefix() -> None:
+    rule = AdaptiveFreezeRule(["a", "b", "c", "d", "e"], check_every=1)
+    assert rule.update([1.0, 1.0, 1.0, 1.0, 1.0]) is False  # nothing to compare with yet
+    # changes 0.01, 0.02, 0.9, 0.03, 1.0: median 0.03; the prefix stops at "c"
+    assert rule.update([1.01, 1.02, 1.9, 1.03, 2.0]) is True
+    assert rule.frozen_groups == 2
+    # a prefix never shrinks, and frozen (unmeasured) groups are not compared
+    # no change anywhere: nothing is strictly below the median, nothing more freezes
+    assert rule.update([None, None, 1.9, 1.03, 2.0]) is False
+    assert rule.frozen_groups == 2
+    assert rule.update([None, None, 1.0, 1.03, 2.5]) is False  # group "c" moved most
+    assert rule.update([None, None, 1.0, 1.0, 1.0]) is True  # "c" settled: below the median
+    assert rule.frozen_groups == 3
+
+
+def test_adaptive_update_respects_min_trainable_and_percentile() -> None:
+    rule = AdaptiveFreezeRule(["a", "b", "c", "d"], check_every=1, percentile=100, min_trainable=3)
+    rule.update([1.0, 1.0, 1.0, 1.0])
+    rule.update([1.0, 1.0, 1.0, 2.0])  # changes 0, 0, 0, 1: all but the top are below the max
+    assert rule.frozen_groups == 1  # capped: 3 groups must stay trainable
+    loose = AdaptiveFreezeRule(["a", "b", "c", "d"], check_every=1, percentile=100, min_trainable=1)
+    loose.update([1.0, 1.0, 1.0, 1.0])
+    loose.update([1.0, 1.0, 1.0, 2.0])
+    assert loose.frozen_groups == 3
+    strict = AdaptiveFreezeRule(["a", "b", "c", "d"], check_every=1, percentile=0)
+    strict.update([1.0, 1.0, 1.0, 1.0])
+    assert strict.update([1.5, 1.0, 1.0, 2.0]) is False  # nothing is below the minimum
+
+
+def train_adaptive(min_trainable: int) -> tuple[list[int], list[lf.Transition], nn.Module]:
+    model = stack(4, width=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    s = lf.Schedule().adaptive_freeze("0", check_every=3, min_trainable=min_trainable)
+    fz = lf.Freezer(model, opt, s)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 1, generator=gen)
+    history, made = [], []
+    for epoch in range(8):
+        made += fz.set_epoch(epoch)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        history.append(s.rules[0].frozen_groups)  # type: ignore[attr-defined]
+    return history, made + fz.set_epoch(8), model
+
+
+def test_adaptive_freeze_trains_deterministically_and_keeps_min_trainable() -> None:
+    history, made, model = train_adaptive(min_trainable=2)
+    again, _, _ = train_adaptive(min_trainable=2)
+    assert history == again  # deterministic
+    assert history == sorted(history)  # the prefix only grows
+    assert history[-1] >= 1
+    assert max(history) <= 2  # 4 groups, 2 always trainable
+    assert frozen_layers(model) == list(range(history[-1]))  # a bottom prefix
+    assert [t.action for t in made] == ["freeze"] * len({h for h in history if h})
+    one, _, _ = train_adaptive(min_trainable=4)
+    assert one == [0] * 8
+
+
+def test_adaptive_frozen_at_answers_from_recorded_state() -> None:
+    model = stack(3)
+    s = lf.Schedule().adaptive_freeze("0", check_every=5)
+    assert s.frozen_at(model, epoch=0) == []
+    s.rules[0].load_state_dict({"frozen_groups": 2, "previous": [1.0, 1.0, 1.0], "checks": 4})
+    assert s.frozen_at(model, epoch=0) == s.frozen_at(model, step=99) == ["0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias"]
+
+
+def test_adaptive_freeze_needs_an_optimizer() -> None:
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        lf.Freezer(stack(2), None, lf.Schedule().adaptive_freeze("0", check_every=2))
+
+
+def test_adaptive_collects_norms_without_a_second_backward() -> None:
+    model = stack(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = lf.Schedule().adaptive_freeze("0", check_every=2)
+    fz = lf.Freezer(model, opt, s)
+    model(torch.ones(1, 4)).sum().backward()
+    grads = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in layer.parameters()])) for layer in model[0]]
+    opt.step()
+    collector = fz._collectors[0][1]
+    assert [float(v) for v in collector.sums] == pytest.approx([float(g) for g in grads])
+    assert collector.counts == [1, 1]

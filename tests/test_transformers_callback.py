@@ -1,0 +1,134 @@
+"""The Hugging Face Trainer callback, on a small BertForSequenceClassification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import layerfreeze as lf
+
+transformers = pytest.importorskip("transformers")
+from layerfreeze.transformers import LayerFreezeCallback  # noqa: E402
+
+
+def _model() -> Any:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        vocab_size=50,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def _data(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (n, 8), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": labels[i]} for i in range(n)]
+
+
+def _args(tmp_path: Any, epochs: int = 3) -> Any:
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+class Probe(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records a weight of the encoder and the lrs at each epoch start."""
+
+    def __init__(self) -> None:
+        self.encoder_at_epoch: list[torch.Tensor] = []
+        self.lrs: list[list[float]] = []
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.encoder_at_epoch.append(model.bert.encoder.layer[0].attention.self.query.weight.detach().clone())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+
+class PlainUnfreeze(transformers.TrainerCallback):  # type: ignore[misc]
+    """What a hand-written callback does: flip requires_grad at epoch 1."""
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if round(state.epoch) == 1:
+            model.bert.requires_grad_(True)
+
+
+def _query(model: Any) -> torch.Tensor:
+    return model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+
+
+def test_plain_trainer_never_trains_a_parameter_unfrozen_later(tmp_path: Any) -> None:
+    model = _model()
+    model.bert.requires_grad_(False)
+    before = _query(model)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), callbacks=[PlainUnfreeze()])
+    trainer.train()
+    assert model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
+    assert torch.equal(_query(model), before)  # the trap: unfrozen, yet never trained
+
+
+@pytest.mark.parametrize("when", ["init", "added_later"])
+def test_callback_trains_unfrozen_parameters_and_keeps_the_scheduler(tmp_path: Any, when: str) -> None:
+    model = _model()
+    model.bert.requires_grad_(False)  # the usual "freeze the backbone first"
+    before = _query(model)
+    classifier_before = model.classifier.weight.detach().clone()
+    cb = LayerFreezeCallback(lf.Schedule().freeze("bert", until_epoch=1))
+    probe = Probe()
+    callbacks = [cb, probe] if when == "init" else [probe]
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), callbacks=callbacks)
+    if when == "added_later":
+        trainer.add_callback(cb)  # no on_init_end: the Freezer adds a group
+    trainer.train()
+
+    # frozen through epoch 0, trained from epoch 1
+    assert torch.equal(probe.encoder_at_epoch[0], before)
+    assert torch.equal(probe.encoder_at_epoch[1], before)
+    assert not torch.equal(_query(model), before)
+    assert not torch.equal(model.classifier.weight, classifier_before)
+    expected = ["freeze", "unfreeze"] if when == "init" else ["unfreeze"]
+    assert [t.action for t in cb.transitions] == expected
+
+    opt = trainer.optimizer
+    n_groups = len(opt.param_groups)
+    assert n_groups == (2 if when == "init" else 3)
+    # the linear schedule runs on every group: all lrs share the same factor
+    # of the base lr at every step, down to 0 at the end
+    for lrs in probe.lrs:
+        assert len(set(round(lr, 12) for lr in lrs)) == 1
+    steps = len(probe.lrs)
+    assert steps == 6
+    assert probe.lrs[0][0] == pytest.approx(1e-2 * (steps - 1) / steps)
+    assert probe.lrs[-1][0] == pytest.approx(0.0)
+
+
+def test_callback_rejects_a_non_schedule() -> None:
+    with pytest.raises(TypeError, match="schedule must be a layerfreeze Schedule"):
+        LayerFreezeCallback("bert")  # type: ignore[arg-type]
+
+
+def test_callback_rejects_a_selector_the_model_lacks(tmp_path: Any) -> None:
+    cb = LayerFreezeCallback(lf.Schedule().freeze("bertt", until_epoch=1))
+    with pytest.raises(lf.SelectorError, match="bertt"):
+        transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=_data(), callbacks=[cb])
