@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -20,3 +21,44 @@ def test_seed_toy_runs_and_shows_the_freeze():
     assert "fc2 was bitwise equal to its pretrained values after epochs [1, 2, 3]" in proc.stdout
     assert "differed from them after epochs [4, 5, 6, 7, 8, 9]" in proc.stdout
     assert "epoch 4: unfroze 12 params (fc2.weight, fc2.bias); trainable now 73" in proc.stdout
+
+
+def _run(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_gradual_unfreeze_example_follows_its_plan(tmp_path):
+    out = _run("gradual_unfreeze.py", str(tmp_path / "plan.png"))
+    counts = [int(c.replace(",", "")) for c in re.findall(r"^epoch \d: loss [\d.]+, trainable ([\d,]+)", out, re.M)]
+    assert counts == [17, 17, 321, 625, 929, 1233, 1233]
+    assert "epoch 4: trainable   929  frozen 1 blocks  [1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ddp_example_keeps_ranks_identical():
+    out = _run("ddp_torchrun.py")
+    verdicts = re.findall(r"ranks bitwise identical: (\w+)", out)
+    assert len(verdicts) == 5 and set(verdicts) == {"True"}
+    assert "froze 544 params (fc1.weight, fc1.bias)" in out
+
+
+def test_fsdp2_example_passes_its_checks():
+    out = _run("fsdp2_check.py")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"] is True and result["world_size"] == 2
+    assert [p["phase"] for p in result["phases"]] == ["start", "unfreeze fc2", "freeze fc1"]
+
+
+def test_hf_trainer_example_trains_what_it_unfreezes():
+    out = _run("hf_trainer.py")
+    assert "encoder layer 0 moved after its unfreeze at epoch 2: True" in out
+    assert re.search(r"epoch 1: unfroze [\d,]+ params \(bert\.encoder\.layer\.1\.", out)
+
+
+def test_lightning_example_resumes_bitwise():
+    out = _run("lightning_finetune.py")
+    assert "resumed run bitwise equal to the uninterrupted one: True" in out
