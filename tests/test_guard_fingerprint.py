@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerfreeze.guard import fingerprint
+import layerfreeze as lf
+from layerfreeze.guard import Guard, fingerprint
 
 
 def _nudge(t: torch.Tensor, i: int) -> None:
@@ -65,3 +66,44 @@ def test_nan_payload_and_signed_zero_are_seen():
     nan_a = torch.tensor([0x7FC00000], dtype=torch.int32).view(torch.float32)
     nan_b = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
     assert not torch.equal(fingerprint(nan_a.repeat(2)), fingerprint(torch.cat([nan_a, nan_b])))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "batched"])
+def test_guard_names_the_one_changed_element_among_mixed_dtypes(monkeypatch, batched):
+    """The batched total (used on GPUs) and the per-tensor sums catch the same single-element changes."""
+    from layerfreeze import guard as guard_mod
+
+    monkeypatch.setattr(guard_mod, "_batched", lambda device: batched)
+    monkeypatch.setattr(guard_mod, "_CHUNK_BYTES", 64)  # many chunks, boundaries inside the model
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({
+        "a": torch.nn.Linear(7, 5),                      # float32, odd sizes
+        "b": torch.nn.Linear(3, 3).to(torch.float16),    # 2-byte elements, 9 + 3 of them: not word-aligned
+        "c": torch.nn.Linear(4, 4).to(torch.bfloat16),
+        "d": torch.nn.Linear(2, 2).to(torch.float64),
+    })
+    for p in net.parameters():
+        p.requires_grad_(False)
+    g = guard_mod.Guard(net)
+    g.check()  # nothing changed
+    for name, p in net.named_parameters():
+        flat = p.data.view(-1)
+        old = flat[-1].clone()
+        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        bits[-1] += 1  # one unit in the last place of the last element
+        assert not torch.equal(flat[-1], old)
+        with pytest.raises(lf.FrozenParameterChanged) as info:
+            g.check()
+        assert info.value.names == [name]
+        g.check()  # the change was reported once and is now the reference
+
+
+def test_guard_follows_a_replaced_storage(monkeypatch):
+    net = torch.nn.Linear(4, 4)
+    net.weight.requires_grad_(False)
+    g = Guard(net)
+    net.weight.data = net.weight.data.clone()  # same values, new storage: not a change
+    g.check()
+    net.weight.data = net.weight.data + 1      # new storage, new values
+    with pytest.raises(lf.FrozenParameterChanged, match="weight"):
+        g.check()

@@ -6,11 +6,19 @@ any single element (even by one unit in the last place, or to a NaN with a
 different payload) changes its word by a nonzero amount below 2**64, and so
 changes the sum: no false negatives for the failure that matters, with one
 read of the tensor and no copy kept.
+
+The same argument holds for a sum of fingerprints, which is what
+:meth:`Guard.check` compares first: on a GPU, one reduction over all frozen
+parameters of a device costs a few kernel launches instead of one per tensor
+(a small model's step is bound by launches, not by arithmetic). Only when the
+total differs are the tensors summed one by one, to name the ones that
+changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +29,13 @@ from .selectors import unwrap
 __all__ = ["Guard", "fingerprint"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Bound on the temporary buffer a batched check concatenates into, in bytes.
+_CHUNK_BYTES = 64 << 20
+
+
+def _batched(device: torch.device) -> bool:
+    """Whether to check a device's tensors through one concatenated sum."""
+    return device.type != "cpu"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -28,8 +43,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """A 0-d int64 tensor on ``t``'s device that changes if any element of ``t`` does."""
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A flat integer view of ``t``'s bits whose ``sum(dtype=int64)`` is its fingerprint."""
     t = _local(t.detach())
     if t.is_complex():
         t = torch.view_as_real(t)
@@ -40,9 +55,31 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
         # Summing whole 64-bit words is ~10x faster than widening each 32-bit
         # element to int64 first; a misaligned storage offset refuses the view.
         with contextlib.suppress(RuntimeError):
-            return flat.view(torch.int64).sum()
-    bits = flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.is_floating_point() else flat
-    return bits.sum(dtype=torch.int64)
+            return flat.view(torch.int64)
+    return flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.is_floating_point() else flat
+
+
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d int64 tensor on ``t``'s device that changes if any element of ``t`` does."""
+    return _words(t).sum(dtype=torch.int64)
+
+
+@dataclass
+class _Entry:
+    name: str
+    param: nn.Parameter
+    print: torch.Tensor  # the fingerprint taken when the parameter was frozen
+    words: torch.Tensor  # a view of the parameter's storage, kept to skip re-viewing it
+    ptr: int  # where that storage starts (``param.data = ...`` moves it); -1: view every time
+
+
+def _entry(name: str, p: nn.Parameter, prev: torch.Tensor | None = None) -> _Entry:
+    words = _words(p)
+    # Keep the view only for a plain tensor whose view shares its storage (not a
+    # DTensor shard, not a bool parameter, which is converted to read it).
+    keep = type(p.detach()) is torch.Tensor and p.dtype != torch.bool
+    ptr = p.data_ptr() if keep else -1
+    return _Entry(name, p, words.sum(dtype=torch.int64) if prev is None else prev, words, ptr)
 
 
 class Guard:
@@ -54,7 +91,9 @@ class Guard:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._prints: dict[int, tuple[str, nn.Parameter, torch.Tensor]] = {}
+        self._entries: dict[int, _Entry] = {}
+        # per device: (entries in order, the sum of their fingerprints)
+        self._totals: dict[torch.device, tuple[list[_Entry], torch.Tensor]] | None = None
         self.refresh()
 
     def _frozen(self) -> list[tuple[str, nn.Parameter]]:
@@ -64,9 +103,13 @@ class Guard:
             (n, p) for n, p in unwrap(self.model).named_parameters() if not p.requires_grad and not p.is_meta
         ]
 
+    def _set(self, entries: dict[int, _Entry]) -> None:
+        self._entries = entries
+        self._totals = None
+
     def refresh(self) -> None:
         """Take new fingerprints of every frozen parameter (accepting any change)."""
-        self._prints = {id(p): (n, p, fingerprint(p)) for n, p in self._frozen()}
+        self._set({id(p): _entry(n, p) for n, p in self._frozen()})
 
     def track(self) -> None:
         """Follow a freeze change without accepting any value change.
@@ -76,10 +119,41 @@ class Guard:
         change made to them before this call is still reported by the next
         :meth:`check`.
         """
-        self._prints = {
-            id(p): self._prints[id(p)] if id(p) in self._prints else (n, p, fingerprint(p))
-            for n, p in self._frozen()
-        }
+        old = self._entries
+        self._set({id(p): old[id(p)] if id(p) in old else _entry(n, p) for n, p in self._frozen()})
+
+    def _grouped(self) -> dict[torch.device, tuple[list[_Entry], torch.Tensor]]:
+        if self._totals is None:
+            groups: dict[torch.device, list[_Entry]] = {}
+            for e in self._entries.values():
+                groups.setdefault(e.words.device, []).append(e)
+            self._totals = {
+                d: (es, torch.stack([e.print for e in es]).sum()) for d, es in groups.items()
+            }
+        return self._totals
+
+    @staticmethod
+    def _total(entries: list[_Entry]) -> torch.Tensor:
+        """The sum of the current fingerprints of ``entries``, in few kernels on a GPU."""
+        if not _batched(entries[0].words.device):
+            # No copy on CPU: one pass per tensor, each already viewed.
+            return torch.stack([e.words.sum(dtype=torch.int64) for e in entries]).sum()
+        parts: list[torch.Tensor] = []
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for e in entries:
+            by_dtype.setdefault(e.words.dtype, []).append(e.words)
+        for words in by_dtype.values():
+            chunk: list[torch.Tensor] = []
+            size = 0
+            for w in words:
+                chunk.append(w)
+                size += w.numel() * w.element_size()
+                if size >= _CHUNK_BYTES:
+                    parts.append(torch.cat(chunk).sum(dtype=torch.int64))
+                    chunk, size = [], 0
+            if chunk:
+                parts.append(torch.cat(chunk).sum(dtype=torch.int64))
+        return torch.stack(parts).sum()
 
     def check(self) -> None:
         """Raise :class:`FrozenParameterChanged` if a frozen parameter changed.
@@ -88,25 +162,24 @@ class Guard:
         parameters unfrozen since are forgotten.
         """
         current = self._frozen()
-        known = [(n, p) for n, p in current if id(p) in self._prints]
+        ids = {id(p) for _, p in current}
+        if ids != self._entries.keys():
+            old = self._entries
+            self._set({id(p): old[id(p)] if id(p) in old else _entry(n, p) for n, p in current})
         changed: list[str] = []
-        by_device: dict[torch.device, list[tuple[str, nn.Parameter]]] = {}
-        for n, p in known:
-            by_device.setdefault(p.device, []).append((n, p))
-        for items in by_device.values():
-            now = torch.stack([fingerprint(p) for _, p in items])
-            then = torch.stack([self._prints[id(p)][2] for _, p in items])
-            diff = now != then
-            if bool(diff.any()):
-                changed.extend(items[i][0] for i in diff.nonzero().flatten().tolist())
-        self._prints = {
-            id(p): (n, p, self._prints[id(p)][2] if id(p) in self._prints else fingerprint(p))
-            for n, p in current
-        }
+        for e in self._entries.values():
+            if e.ptr == -1:
+                e.words = _words(e.param)
+            elif e.param.data_ptr() != e.ptr:  # storage replaced (``param.data = ...``): view it again
+                e.words, e.ptr = _words(e.param), e.param.data_ptr()
+        for entries, then in self._grouped().values():
+            if bool(self._total(entries) != then):
+                changed += [e.name for e in entries if bool(e.words.sum(dtype=torch.int64) != e.print)]
         if changed:
-            for n, p in current:
-                if n in changed:
-                    self._prints[id(p)] = (n, p, fingerprint(p))
+            for e in self._entries.values():
+                if e.name in changed:
+                    self._entries[id(e.param)] = _entry(e.name, e.param)
+            self._totals = None
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise FrozenParameterChanged(
                 f"frozen parameters changed value: {shown}. Likely causes: an optimizer stepping a "
