@@ -235,14 +235,38 @@ def test_refresh_accepts_a_deliberate_change(net):
     step(net, opt)
 
 
-def test_guard_off_does_not_raise(net):
+def test_guard_off_does_not_check_after_steps(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     fz = lf.Freezer(net, opt, guard=False)
     fz.freeze("fc2")
     with torch.no_grad():
         net.fc2.weight.add_(1.0)
+    step(net, opt)  # no per-step verification
+
+
+def test_check_with_guard_off_compares_with_the_freeze_time_fingerprint(net):
+    # check() used to fingerprint the parameters afresh when guard=False, so it
+    # could never see a change made before it was called
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt, guard=False)
+    fz.freeze("fc2")
     step(net, opt)
-    assert fz.guard is None
+    fz.check()  # nothing moved yet
+    with torch.no_grad():
+        net.fc2.bias[1] += 1e-3  # one element, changed in place
+    with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias") as info:
+        fz.check()
+    assert info.value.names == ["fc2.bias"]
+    fz.check()  # reported once: the new value is the reference from now on
+
+
+def test_check_with_guard_off_sees_parameters_frozen_before_the_freezer(net):
+    lf.freeze(net, "fc3")
+    fz = lf.Freezer(net, guard=False)
+    with torch.no_grad():
+        net.fc3.weight.mul_(2)
+    with pytest.raises(lf.FrozenParameterChanged, match="fc3.weight"):
+        fz.check()
 
 
 def test_guard_every_n_steps(net):

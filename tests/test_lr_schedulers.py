@@ -50,11 +50,13 @@ def scale_of(model: nn.Sequential) -> dict[int, float]:
     return out
 
 
+@pytest.mark.parametrize("built_from", ["head", "all"])
 @pytest.mark.parametrize("order", ["before", "after"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_each_group_follows_group_zero_factor(name: str, order: str) -> None:
+def test_each_group_follows_group_zero_factor(name: str, order: str, built_from: str) -> None:
     model = stack()
-    opt = torch.optim.SGD(model[1].parameters(), lr=LR, momentum=0.9)
+    params = model[1].parameters() if built_from == "head" else model.parameters()
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
     make = SCHEDULERS[name]
     if order == "before":
         s = make(opt)
@@ -161,3 +163,82 @@ def test_lr_scheduler_argument_is_checked() -> None:
         lf.Freezer(model, opt, lr_scheduler=sched.StepLR(other, 1))
     with pytest.raises(ValueError, match="needs the optimizer"):
         lf.Freezer(model, lr_scheduler=sched.StepLR(other, 1))
+
+
+class Wrapped(torch.optim.Optimizer):
+    """An optimizer wrapper shaped like accelerate's ``AcceleratedOptimizer``
+    (which the Hugging Face Trainer uses): an Optimizer subclass that skips
+    ``Optimizer.__init__``, holds the real optimizer as ``.optimizer`` and
+    exposes its very param groups."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+
+class WrappedScheduler:
+    """Shaped like accelerate's ``AcceleratedScheduler``: the torch scheduler as ``.scheduler``."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+
+@pytest.mark.parametrize("give", ["inner", "wrapper"])
+def test_a_scheduler_built_on_an_optimizer_wrapper_is_accepted_and_repaired(give: str) -> None:
+    model = stack()
+    inner = torch.optim.SGD(model[1].parameters(), lr=LR)
+    wrapper = Wrapped(inner)
+    s = sched.LambdaLR(wrapper, lambda e: 0.9**e)  # built on the wrapper, before the Freezer
+    assert s.optimizer is wrapper
+    fz = lf.Freezer(model, wrapper if give == "wrapper" else inner, gradual(), lr_scheduler=WrappedScheduler(s))
+    assert fz.lr_schedulers == [s]
+    scales = scale_of(model)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for epoch in range(4):
+        fz.set_epoch(epoch)
+        frozen = [p.detach().clone() for p in model[0].parameters() if not p.requires_grad]
+        wrapper.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        wrapper.step()
+        s.step()
+        still = [p for p in model[0].parameters() if not p.requires_grad]
+        assert all(torch.equal(a, b) for a, b in zip(frozen, still, strict=False))
+        head = inner.param_groups[0]["lr"]
+        for group in inner.param_groups:
+            (scale,) = {scales[id(p)] for p in group["params"]}
+            assert group["lr"] == pytest.approx(scale * head, rel=1e-9)
+    assert all(p.requires_grad for p in model.parameters())
+    # the guard sits on the torch optimizer inside, so it sees steps through the wrapper
+    lf.freeze(model, "1")
+    with torch.no_grad():
+        model[1].bias.add_(1.0)
+    with pytest.raises(lf.FrozenParameterChanged):
+        wrapper.step()
+
+
+def test_a_scheduler_of_another_optimizer_is_still_refused_through_a_wrapper() -> None:
+    model = stack()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    other = Wrapped(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ValueError, match="schedules a different optimizer"):
+        lf.Freezer(model, Wrapped(opt), lr_scheduler=sched.StepLR(other, 1))
+    assert not opt._optimizer_step_pre_hooks  # refused before any hook was attached

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
+from layerfreeze.core import kept_in_eval
 from layerfreeze.rules import AdaptiveFreezeRule
 
 
@@ -271,3 +272,112 @@ def test_adaptive_collects_norms_without_a_second_backward() -> None:
     collector = fz._collectors[0][1]
     assert [float(v) for v in collector.sums] == pytest.approx([float(g) for g in grads])
     assert collector.counts == [1, 1]
+
+
+# --------------------------------------------------------------------------- lr_decay on an optimizer that holds everything
+
+
+def test_lr_decay_applies_when_the_optimizer_already_holds_every_parameter() -> None:
+    # the common set-up: the optimizer is built from model.parameters(), so no
+    # group is added for the encoder layers; they still need their own lrs
+    model = stack(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.3)
+    s = lf.Schedule().gradual_unfreeze("0", start_epoch=1, lr_decay=0.5)
+    fz = lf.Freezer(model, opt, s)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr_of[id(model[0][i].weight)] for i in range(3)] == pytest.approx([0.025, 0.05, 0.1])
+    assert lr_of[id(model[1].weight)] == 0.1
+    assert all(g["weight_decay"] == 0.3 for g in opt.param_groups)  # the source group's options
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())  # each parameter once
+    fz.set_epoch(0)
+    assert frozen_layers(model) == [0, 1, 2]
+    fz.set_epoch(3)
+    assert frozen_layers(model) == []
+    # a second Freezer on the same optimizer finds every lr right and moves nothing
+    fz.close()
+    groups = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    lf.Freezer(model, opt, s)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == groups
+
+
+def test_lr_decay_with_an_all_parameter_optimizer_resumes_bitwise() -> None:
+    def run(epochs: range, state: dict | None = None) -> tuple[nn.Module, dict]:
+        model = stack(3)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        fz = lf.Freezer(model, opt, lf.Schedule().gradual_unfreeze("0", start_epoch=1, lr_decay=0.5))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            fz.load_state_dict(state["freezer"])
+            opt.load_state_dict(state["optimizer"])
+        x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.ones(8, 1)
+        for epoch in epochs:
+            fz.set_epoch(epoch)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model, {"model": model.state_dict(), "optimizer": opt.state_dict(), "freezer": fz.state_dict()}
+
+    full, _ = run(range(5))
+    _, half = run(range(2))
+    resumed, _ = run(range(2, 5), half)
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- eval holds released by a schedule
+
+
+def blocks() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 4),
+        nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.1), nn.BatchNorm1d(4))),
+        nn.Dropout(0.2),
+        nn.Linear(4, 1),
+    )
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda: lf.Schedule().freeze("[0:2]", mode="eval", until_epoch=2),
+        lambda: lf.Schedule().freeze(["0", "1"], mode="eval", until_epoch=2),
+        lambda: lf.Schedule().gradual_unfreeze(["[0]", "[1]"], start_epoch=1, mode="eval"),
+        lambda: lf.Schedule().freeze("[1]", mode="eval", until_step=6).freeze("1.2", mode="eval", until_epoch=2),
+    ],
+)
+def test_eval_freeze_in_a_schedule_then_unfreeze_gives_every_module_back(schedule) -> None:
+    model = blocks()
+    fz = lf.Freezer(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule())
+    fz.set_step(0)
+    fz.set_epoch(0)
+    model.train()
+    assert not model[1][1].training and not model[1][2][0].training  # dropout held off while frozen
+    for epoch in range(1, 4):
+        fz.set_step(3 * epoch)
+        fz.set_epoch(epoch)
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()
+    model.train()
+    assert [n for n, m in model.named_modules() if not m.training] == []
+
+
+def test_a_later_norm_rule_takes_dropout_out_of_an_earlier_eval_hold() -> None:
+    # rule 1 holds block 1 in eval while it is the only rule deciding (no epoch
+    # known yet); from epoch 1 rule 2, a "norm" freeze of the same block, wins:
+    # only the BatchNorm stays in eval, dropout and the rest follow model.train()
+    model = blocks()
+    s = lf.Schedule().freeze("[1]", mode="eval", until_step=10).freeze("[1]", from_epoch=1)
+    fz = lf.Freezer(model, torch.optim.SGD(model.parameters(), lr=0.1), s)
+    fz.set_step(0)
+    model.train()
+    assert not model[1][1].training
+    fz.set_epoch(1)
+    model.train()
+    assert [n for n, m in model.named_modules() if not m.training] == ["1.2.1"]
+    assert kept_in_eval(model) == {"1.2.1": "norm"}
+    assert not model[1][0].weight.requires_grad
+    fz.set_step(10)
+    model.train()
+    assert [n for n, m in model.named_modules() if not m.training] == ["1.2.1"]

@@ -348,3 +348,49 @@ def test_regex_matching_is_cached_but_not_stateful(net):
         net, "fc2"
     )
     assert re.fullmatch("fc[12]", "fc12") is None
+
+
+# --------------------------------------------------------------------------- callable selectors that fail
+
+
+def test_an_error_inside_a_callable_selector_is_wrapped_and_changes_nothing(net):
+    def buggy(name: str, module: nn.Module) -> bool:
+        return module.weight.shape[0] == 3  # the root and containers have no weight
+
+    before = [p.requires_grad for p in net.parameters()]
+    with pytest.raises(lf.SelectorError, match=r"buggy' raised AttributeError on the root module") as info:
+        lf.freeze(net, "fc1", buggy)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert isinstance(err.__cause__, AttributeError)  # chained from the original error
+    assert err.selector is buggy
+    assert [p.requires_grad for p in net.parameters()] == before  # fc1 was not frozen either
+
+
+def test_a_callable_selector_error_names_the_module_it_failed_on(net):
+    def picky(name: str, module: nn.Module) -> bool:
+        if name == "fc3":
+            raise KeyError("no table entry")
+        return False
+
+    with pytest.raises(lf.SelectorError, match=r"picky' raised KeyError on module 'fc3' \(Linear\)") as info:
+        lf.select(net, picky)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_callable_with_the_wrong_signature_is_a_selector_type_error(net):
+    with pytest.raises(lf.SelectorTypeError, match="takes \\(name, module\\)") as info:
+        lf.freeze(net, lambda name: True)
+    assert isinstance(info.value, TypeError) and isinstance(info.value.__cause__, TypeError)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_a_failing_callable_in_a_schedule_names_the_rule(net):
+    def broken(name: str, module: nn.Module) -> bool:
+        raise RuntimeError("boom")
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(lf.SelectorError, match=r"rule 0 \(freeze\).*broken' raised RuntimeError"):
+        lf.Freezer(net, opt, lf.Schedule().freeze(broken, until_epoch=2))
+    assert all(p.requires_grad for p in net.parameters())
+    assert len(opt.param_groups) == 1

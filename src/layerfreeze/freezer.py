@@ -3,6 +3,7 @@ and a schedule kept in step."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from .core import Change, Mode, Transition, _check_mode, _holds_for, _releases_for, apply_change, subscribe
 from .errors import StateDictError
 from .guard import Guard
-from .lrsched import check_scheduler, extend_schedulers
+from .lrsched import check_scheduler, extend_schedulers, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
 from .rules import AdaptiveFreezeRule, GradNormCollector
 from .schedule import Schedule
@@ -33,7 +34,10 @@ class Freezer:
             ``step()`` with ``.grad`` None so no optimizer moves them.
         schedule: applied by :meth:`set_epoch` / :meth:`set_step`.
         guard: after every ``optimizer.step()``, verify that frozen parameters
-            did not change (an int ``n``: every ``n`` steps; ``False``: never).
+            did not change (an int ``n``: every ``n`` steps; ``False``: no
+            check after steps). Fingerprints are taken whenever parameters
+            are frozen, whatever ``guard`` says, so :meth:`check` can always
+            tell whether a frozen parameter moved since.
         release_state: drop the optimizer state of frozen parameters (frees
             memory; unfreezing then starts momentum afresh).
         unfreeze_lr: lr of groups added for unfrozen parameters (default: the
@@ -45,12 +49,22 @@ class Freezer:
             extended whenever the Freezer adds a param group. A scheduler made
             after the Freezer needs nothing.
 
+    ``optimizer`` may be a wrapper that exposes the wrapped optimizer's own
+    ``param_groups`` as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``),
+    and a scheduler may be built on such a wrapper or be one itself
+    (``AcceleratedScheduler``): the Freezer works on the torch objects inside.
+
     With a schedule and an optimizer, every parameter the schedule may ever
     make trainable that no param group holds is added to the optimizer when
     the Freezer is made, at its final lr (``lr_decay`` included): frozen ones
     reach ``step()`` with ``.grad`` None and every torch optimizer skips them,
     so LR schedulers and checkpoints see the same param groups from the start
-    (see :mod:`layerfreeze.lrsched` for why).
+    (see :mod:`layerfreeze.lrsched` for why). A parameter that a rule trains
+    at a scaled lr (``lr_decay``) and that a param group already holds at
+    another lr is moved, then, into a new group at its lr that keeps the other
+    options of the group it came from; make the Freezer before
+    ``optimizer.load_state_dict`` so that a resumed optimizer has the same
+    groups.
 
     Example:
         >>> import torch, torch.nn as nn, layerfreeze as lf
@@ -89,18 +103,21 @@ class Freezer:
         if schedule is not None:
             schedule.validate(self.module)
         self.optimizer = optimizer
-        self.sync = (
-            OptimizerSync(optimizer, release_state=release_state, unfreeze_lr=unfreeze_lr, on_missing=on_missing)
-            if optimizer is not None
-            else None
-        )
+        # hooks and param groups live on the torch optimizer inside a wrapper
+        # such as accelerate's AcceleratedOptimizer
+        inner = unwrap_optimizer(optimizer) if optimizer is not None else None
         schedulers = lr_scheduler if isinstance(lr_scheduler, (list, tuple)) else [lr_scheduler]
         #: LR schedulers made before the Freezer, repaired when groups are added
-        self.lr_schedulers: list[Any] = [s for s in schedulers if s is not None]
+        self.lr_schedulers: list[Any] = [unwrap_scheduler(s) for s in schedulers if s is not None]
         for s in self.lr_schedulers:
-            check_scheduler(s, optimizer)
-        if self.sync is not None and schedule is not None and on_missing == "add":
-            self._register_upfront()
+            check_scheduler(s, inner)
+        self.sync = (
+            OptimizerSync(inner, release_state=release_state, unfreeze_lr=unfreeze_lr, on_missing=on_missing)
+            if inner is not None
+            else None
+        )
+        if self.sync is not None and schedule is not None:
+            self._register_upfront(add_missing=on_missing == "add")
         #: transitions made outside set_epoch/set_step (adaptive freezes after
         #: an optimizer step); the next set_epoch/set_step returns them too
         self._pending: list[Transition] = []
@@ -116,13 +133,15 @@ class Freezer:
         self.step: int | None = None
         #: optimizer steps seen since the Freezer was made
         self.optimizer_steps = 0
-        self.guard = Guard(self.module) if self._guard_every else None
+        #: fingerprints of the frozen parameters, taken when they were frozen;
+        #: verified after optimizer steps only when ``guard`` asks for it
+        self.guard = Guard(self.module)
         self._handles: list[Any] = []
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        if inner is not None:
+            self._handles.append(inner.register_step_post_hook(self._after_step))
             if self._collectors:
                 # runs after OptimizerSync's pre-hook, so frozen grads are gone
-                self._handles.append(optimizer.register_step_pre_hook(self._collect_norms))
+                self._handles.append(inner.register_step_pre_hook(self._collect_norms))
         elif self._collectors:
             raise ValueError("an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step")
         self._subscription = subscribe(self.module, self)
@@ -148,8 +167,7 @@ class Freezer:
             before = len(self.sync.optimizer.param_groups)
             self.sync.apply(change)
             extend_schedulers(self.lr_schedulers, before)
-        if self.guard is not None:
-            self.guard.track()
+        self.guard.track()
 
     def close(self) -> None:
         """Detach from the model and optimizer (hooks removed)."""
@@ -217,22 +235,46 @@ class Freezer:
         pending, self._pending = self._pending, []
         return pending
 
-    def _register_upfront(self) -> None:
+    def _register_upfront(self, *, add_missing: bool) -> None:
         assert self.sync is not None and self.schedule is not None
         index = ModelIndex(self.module)
         scales = self.schedule.trainable_scales(index)
-        names = self.sync.missing(list(scales), [index.by_canonical[n] for n in scales])
-        if not names:
-            return
         base = self.sync.base_lr()
+        before = len(self.sync.optimizer.param_groups)
+        self._regroup_scaled(index, scales, base)
+        names = self.sync.missing(list(scales), [index.by_canonical[n] for n in scales]) if add_missing else []
         by_lr: dict[float, list[str]] = {}
         for n in names:
             scale = scales[n]
             by_lr.setdefault(base if scale is None else base * scale, []).append(n)
-        before = len(self.sync.optimizer.param_groups)
         for lr, group in by_lr.items():
             self.sync.add_group(group, [index.by_canonical[n] for n in group], lr)
         extend_schedulers(self.lr_schedulers, before)
+
+    def _regroup_scaled(self, index: ModelIndex, scales: dict[str, float | None], base: float) -> None:
+        """Give parameters that a rule trains at a scaled lr (``lr_decay``) and
+        that the optimizer already holds at another lr a group of their own.
+
+        Without this, an optimizer built from ``model.parameters()`` would
+        train every group at group 0's lr and ``lr_decay`` would do nothing.
+        A parameter whose group already has the lr it needs stays, so making
+        a second Freezer on the same optimizer moves nothing.
+        """
+        assert self.sync is not None
+        groups = self.sync.optimizer.param_groups
+        where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        moves: dict[tuple[int, float], list[str]] = {}
+        for name, scale in scales.items():
+            source = where.get(id(index.by_canonical[name]))
+            if scale is None or source is None:
+                continue
+            lr = base * scale
+            group = groups[source]
+            if math.isclose(float(group.get("initial_lr", group["lr"])), lr, rel_tol=1e-12, abs_tol=0.0):
+                continue
+            moves.setdefault((source, lr), []).append(name)
+        for (source, lr), names in moves.items():
+            self.sync.move_to_group(names, [index.by_canonical[n] for n in names], source, lr)
 
     def _apply_schedule(self) -> list[Transition]:
         if self.schedule is None:
@@ -259,7 +301,7 @@ class Freezer:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.optimizer_steps += 1
-        if self.guard is not None and self.optimizer_steps % self._guard_every == 0:
+        if self._guard_every and self.optimizer_steps % self._guard_every == 0:
             self.guard.check()
         grew = False
         for _, collector in self._collectors:
@@ -274,17 +316,17 @@ class Freezer:
 
     def check(self) -> None:
         """Verify now that no frozen parameter changed since it was frozen (or
-        since the last check).
+        since the last check), also when the Freezer was made with
+        ``guard=False``.
 
         Raises:
             FrozenParameterChanged: naming the parameters that moved.
         """
-        (self.guard or Guard(self.module)).check()
+        self.guard.check()
 
     def refresh(self) -> None:
         """Accept the current values of frozen parameters (after a deliberate edit)."""
-        if self.guard is not None:
-            self.guard.refresh()
+        self.guard.refresh()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -364,8 +406,7 @@ class Freezer:
         for i, collector in self._collectors:
             if i in norms:
                 collector.load_state_dict(norms[i])
-        if self.guard is not None:
-            self.guard.refresh()
+        self.guard.refresh()
 
 
 def _check_time(name: str, value: object) -> int:

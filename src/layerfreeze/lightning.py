@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 from .core import apply_change
 from .distributed import attach
 from .freezer import Freezer
+from .lrsched import same_optimizer, unwrap_scheduler
 from .schedule import Schedule
 from .selectors import ModelIndex
 
@@ -86,7 +87,7 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
         schedulers = [
             cfg.scheduler
             for cfg in getattr(trainer, "lr_scheduler_configs", [])
-            if getattr(cfg.scheduler, "optimizer", None) is optimizer
+            if same_optimizer(getattr(unwrap_scheduler(cfg.scheduler), "optimizer", None), optimizer)
         ]
         self.freezer = Freezer(pl_module, optimizer, self.schedule, lr_scheduler=schedulers or None, **self.freezer_kwargs)
         self._distributed = attach(trainer.strategy.model, root=pl_module)

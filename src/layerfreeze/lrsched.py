@@ -16,7 +16,10 @@ layerfreeze takes two steps, in this order:
    (base lr times its ``lr_decay`` scale). Frozen parameters reach ``step()``
    with ``.grad`` None, and every torch optimizer skips those, so registering
    early changes no value; an optimizer's state for them starts at their first
-   real step, exactly as if they had been added then. A scheduler built
+   real step, exactly as if they had been added then. A parameter that a
+   rule trains at a scaled lr and that a group already holds at another lr
+   (an optimizer built from ``model.parameters()``) is moved into a group of
+   its own at that lr, keeping its old group's other options. A scheduler built
    *after* the Freezer therefore sees every group from the start and needs
    nothing more, and a checkpoint holds the same groups at every epoch, so
    resuming needs no group juggling.
@@ -40,9 +43,17 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as sched
 
-__all__ = ["extend_scheduler", "extend_schedulers"]
+__all__ = [
+    "check_scheduler",
+    "extend_scheduler",
+    "extend_schedulers",
+    "same_optimizer",
+    "unwrap_optimizer",
+    "unwrap_scheduler",
+]
 
 _MOMENTUM_KEYS = ("max_momentum", "base_momentum", "betas", "momentum")
+_SCHEDULERS = (sched.LRScheduler, sched.ReduceLROnPlateau)
 
 
 def _children(scheduler: Any) -> list[Any]:
@@ -149,14 +160,66 @@ def extend_schedulers(schedulers: list[Any], first_new: int) -> None:
         extend_scheduler(scheduler, first_new)
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside optimizer wrappers.
+
+    A wrapper (accelerate's ``AcceleratedOptimizer``, which the Hugging Face
+    Trainer uses) holds the real optimizer as ``.optimizer`` and exposes the
+    very same ``param_groups`` list. Such wrappers are looked through, as
+    deep as they nest; anything else is returned as is.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> class Wrapper:
+        ...     def __init__(self, optimizer):
+        ...         self.optimizer = optimizer
+        ...     @property
+        ...     def param_groups(self):
+        ...         return self.optimizer.param_groups
+        >>> unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
+        True
+    """
+    seen: set[int] = set()
+    while id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        inner = getattr(optimizer, "optimizer", None)
+        groups = getattr(inner, "param_groups", None)
+        if inner is None or groups is None or groups is not getattr(optimizer, "param_groups", None):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def same_optimizer(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one optimizer, wrappers looked through."""
+    return a is not None and b is not None and unwrap_optimizer(a) is unwrap_optimizer(b)
+
+
+def unwrap_scheduler(scheduler: Any) -> Any:
+    """The torch LR scheduler inside scheduler wrappers (accelerate's
+    ``AcceleratedScheduler`` holds it as ``.scheduler``); anything else as is."""
+    found = scheduler
+    seen: set[int] = set()
+    while not isinstance(found, _SCHEDULERS) and found is not None and id(found) not in seen:
+        seen.add(id(found))
+        found = getattr(found, "scheduler", None)
+    return found if isinstance(found, _SCHEDULERS) else scheduler
+
+
 def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer | None) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``scheduler`` is a torch LR
-    scheduler of ``optimizer``."""
-    if not isinstance(scheduler, (sched.LRScheduler, sched.ReduceLROnPlateau)):
+    scheduler of ``optimizer``.
+
+    Either side may be an optimizer wrapper that exposes the wrapped
+    optimizer's own ``param_groups`` (see :func:`unwrap_optimizer`): a
+    scheduler built on accelerate's wrapper schedules the optimizer inside it.
+    """
+    if not isinstance(scheduler, _SCHEDULERS):
         raise TypeError(
             f"lr_scheduler must be a torch LR scheduler (torch.optim.lr_scheduler), got {type(scheduler).__name__}"
         )
     if optimizer is None:
         raise ValueError("lr_scheduler= needs the optimizer it schedules: pass optimizer= too")
-    if scheduler.optimizer is not optimizer:
+    if not same_optimizer(scheduler.optimizer, optimizer):
         raise ValueError("lr_scheduler= schedules a different optimizer than the one given to the Freezer")

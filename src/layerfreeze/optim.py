@@ -114,6 +114,23 @@ class OptimizerSync:
         for lr, group_names in by_lr.items():
             self.add_group(group_names, [change.index.by_canonical[n] for n in group_names], lr)
 
+    def move_to_group(self, names: list[str], params: list[nn.Parameter], source: int, lr: float) -> None:
+        """Move ``params`` out of param group ``source`` into a new group at ``lr``.
+
+        The new group keeps every other option of ``source`` (weight decay,
+        betas, ...); the optimizer state of the parameters is keyed by the
+        parameters themselves and stays. ``source`` keeps its place, even if
+        it ends up empty, so that LR schedulers' per-group entries still fit.
+        """
+        groups = self.optimizer.param_groups
+        moving = {id(p) for p in params}
+        src = groups[source]
+        src["params"] = [p for p in src["params"] if id(p) not in moving]
+        group: dict[str, Any] = {k: v for k, v in src.items() if k not in ("params", "lr", "initial_lr")}
+        group.update(params=list(params), lr=lr, initial_lr=lr)
+        self.optimizer.add_param_group(group)
+        self.added.append((list(names), lr))
+
     def add_group(self, names: list[str], params: list[nn.Parameter], lr: float) -> None:
         # LR schedulers read initial_lr when they are built (or resumed) on an
         # optimizer; a group without it makes them refuse the optimizer.

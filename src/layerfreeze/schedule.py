@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .core import _is_stat_norm
+from .core import _is_stat_norm, _keeper
 from .rules import (
     AdaptiveFreezeRule,
     Decision,
@@ -330,6 +330,13 @@ class Schedule:
                 continue
             if mode == "eval" or (mode == "norm" and _is_stat_norm(module)):
                 modes[name] = mode
+                keeper = _keeper(module)
+                if keeper is not None and keeper.mode != mode:
+                    released[name] = None  # re-held below with the mode the winning rule gives
+            else:
+                # a "norm" freeze leaves dropout, containers and other layers to
+                # model.train()/eval(): drop an "eval" hold an earlier rule left
+                released[name] = None
         return Plan(state, modes, list(released), scale)
 
     def frozen_at(self, model: nn.Module, epoch: int | None = None, step: int | None = None) -> list[str]:

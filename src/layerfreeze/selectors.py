@@ -239,7 +239,24 @@ class _CallableMatcher(_Matcher):
         self.text = getattr(fn, "__qualname__", repr(fn))
 
     def match(self, index: ModelIndex) -> tuple[list[str], list[str]]:
-        return [n for n, m in index.modules.items() if self.fn(n, m)], []
+        hits = []
+        for name, module in index.modules.items():
+            try:
+                hit = bool(self.fn(name, module))
+            except Exception as exc:
+                # a bug in the user's function must not pass for "no match",
+                # nor escape without saying which selector and module it hit
+                where = f"module {name!r}" if name else "the root module ''"
+                kind = SelectorTypeError if isinstance(exc, TypeError) else SelectorError
+                raise kind(
+                    f"callable selector {self.text!r} raised {type(exc).__name__} on {where} "
+                    f"({type(module).__name__}): {exc}; a callable selector takes (name, module) "
+                    "and returns a bool",
+                    selector=self.fn,
+                ) from exc
+            if hit:
+                hits.append(name)
+        return hits, []
 
 
 @functools.lru_cache(maxsize=1024)
@@ -341,7 +358,10 @@ def _match_one(
         modules, params = matcher.match(index)
     except SelectorError as exc:
         if exc.origin is None:
-            raise type(exc)(str(exc), selector=selector, origin=origin, suggestions=exc.suggestions) from None
+            # keep the cause (an error raised inside a callable selector)
+            raise type(exc)(
+                str(exc), selector=selector, origin=origin, suggestions=exc.suggestions
+            ) from exc.__cause__
         raise
     if not modules and not params:
         shown = selector if isinstance(selector, str) else getattr(selector, "__name__", repr(selector))

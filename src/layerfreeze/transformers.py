@@ -17,8 +17,11 @@ avoids that in two steps:
 
 Parameters that still belong to no group (the callback was added after the
 Trainer was made, or a rule with ``lr_decay`` asks for its own lr) are added by
-the Freezer as new groups (weight decay ``args.weight_decay``), and the
-Trainer's LR scheduler is extended for them.
+the Freezer as new groups (weight decay ``args.weight_decay``); parameters a
+rule trains at an ``lr_decay`` lr that the Trainer's groups already hold are
+moved into groups of their own that keep the weight decay of the group they
+came from. The Trainer's LR scheduler (built on accelerate's optimizer
+wrapper) is extended for every new group.
 
 On resume, the frozen set is re-derived from the Trainer's epoch and step,
 which is exact for every rule except the data-dependent ``adaptive_freeze``.
@@ -40,19 +43,11 @@ from transformers import TrainerCallback
 
 from .core import apply_change
 from .freezer import Freezer
-from .lrsched import extend_schedulers
+from .optim import optimizer_param_ids
 from .schedule import Schedule
 from .selectors import ModelIndex
 
 __all__ = ["LayerFreezeCallback"]
-
-
-def _inner(obj: Any, attr: str) -> Any:
-    # accelerate wraps the optimizer and the scheduler; hooks and groups live
-    # on the wrapped torch objects
-    while obj is not None and hasattr(obj, attr) and not callable(getattr(obj, attr)):
-        obj = getattr(obj, attr)
-    return obj
 
 
 class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
@@ -108,22 +103,22 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         if self.freezer is not None:
             self.freezer.close()
-        opt = _inner(optimizer, "optimizer")
-        sched = _inner(lr_scheduler, "scheduler")
-        groups_before = len(opt.param_groups) if opt is not None else 0
-        direct = sched is not None and getattr(sched, "optimizer", None) is opt
+        # accelerate wraps both; the Freezer works on the torch objects inside
+        groups_before = len(optimizer.param_groups) if optimizer is not None else 0
+        held = optimizer_param_ids(optimizer) if optimizer is not None else set()
         self.freezer = Freezer(
-            model, opt, self.schedule, lr_scheduler=sched if direct else None, **self.freezer_kwargs
+            model,
+            optimizer,
+            self.schedule,
+            lr_scheduler=lr_scheduler if optimizer is not None else None,
+            **self.freezer_kwargs,
         )
-        if sched is not None and not direct and opt is not None:
-            # the scheduler was built on accelerate's wrapper of ``opt``, which
-            # shares its param groups: repair it for the groups just added and
-            # for any added later
-            extend_schedulers([sched], groups_before)
-            self.freezer.lr_schedulers.append(sched)
-        if opt is not None:
-            for group in opt.param_groups[groups_before:]:
-                group["weight_decay"] = args.weight_decay
+        if optimizer is not None:
+            for group in optimizer.param_groups[groups_before:]:
+                # groups moved out of the Trainer's own keep their weight decay;
+                # groups of parameters the Trainer left out get the Trainer's
+                if not any(id(p) in held for p in group["params"]):
+                    group["weight_decay"] = args.weight_decay
         self._attach_rank_check(model)
         self._apply(state, epoch=True)
 
