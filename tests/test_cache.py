@@ -403,3 +403,56 @@ def test_bad_arguments():
     lin = lf.cache(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already cached"):
         lf.cache(lin)
+
+
+def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them():
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 5)
+    cached = frozen_cached(nn.Sequential(lin))
+    x = torch.randn(300, 6)
+    with torch.no_grad():
+        ref = lin(x)
+    store = cached.__dict__["_lf_cache"].memory
+    cached(x[:50])
+    first = [t.data_ptr() for t in next(iter(store.chunks.values()))[0]]
+    for i in range(50, 300, 50):
+        cached(x[i:i + 50])
+    chunks = next(iter(store.chunks.values()))
+    assert [c[0].shape[0] for c in chunks] == [64, 64, 128, 256]  # capacity doubles by adding chunks
+    assert [t.data_ptr() for t in chunks[0]] == first  # rows already stored were not moved
+    s = cached.stats()
+    assert s.bytes_held == 512 * 5 * 4 and s.entries == 300
+    perm = torch.randperm(300)
+    for idx in (perm[:37], perm, torch.arange(70, 120), torch.tensor([299, 0, 64, 128, 5])):
+        assert torch.equal(cached(x[idx]), ref[idx])  # one chunk or several, any order
+    assert cached.stats().misses == 300
+
+
+def test_a_memory_bound_caps_the_chunks():
+    cached = frozen_cached(nn.Linear(6, 5), max_bytes=100 * 5 * 4)
+    x = torch.randn(150, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached(x)
+    s = cached.stats()
+    assert s.bytes_held == 100 * 5 * 4 and s.entries == 150  # the rest spilled to disk
+    assert s.bytes_on_disk == 50 * 5 * 4
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "dict", "namedtuple", "bert"])
+def test_outputs_are_freed_without_the_cycle_collector(kind):
+    import gc
+    import weakref
+
+    module, args, kwargs = make(kind)
+    cached = frozen_cached(module)
+    refs = []
+    gc.disable()
+    try:
+        for _ in range(2):  # a miss, then a hit
+            out = cached(*args, **kwargs)
+            refs += [weakref.ref(t) for t in leaves(out) if isinstance(t, torch.Tensor)]
+            del out
+        assert refs and all(r() is None for r in refs)
+    finally:
+        gc.enable()

@@ -30,6 +30,7 @@ calls and on ``verify()``.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
 import importlib
@@ -41,7 +42,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,7 @@ log = logging.getLogger("layerfreeze")
 _STORES = ("memory", "disk")
 _CONST_TYPES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _FORMAT = 1
+_CHUNK_BYTES = 256 << 20  # largest chunk of the memory store
 
 
 @dataclass(frozen=True)
@@ -98,29 +100,31 @@ def _flatten(obj: Any, leaves: list[Any]) -> Any:
 
 
 def _unflatten(spec: Any, leaves: Iterable[Any]) -> Any:
-    it = iter(leaves)
+    return _build(spec, iter(leaves))
 
-    def build(s: Any) -> Any:
-        if s[0] in ("T", "C"):
-            return next(it)
-        if s[0] == "map":
-            values = [build(c) for c in s[3]]
-            cls = s[1]
-            if cls is dict:
-                return dict(zip(s[2], values, strict=True))
-            try:
-                return cls(**dict(zip(s[2], values, strict=True)))  # ModelOutput and other dataclass-like maps
-            except TypeError:
-                return cls(zip(s[2], values, strict=True))
-        values = [build(c) for c in s[2]]
+
+def _build(s: Any, it: Iterator[Any]) -> Any:
+    # A plain recursive function, not a closure: a nested function that calls
+    # itself is a reference cycle holding the leaves (the batch's output
+    # tensors) until the cyclic garbage collector happens to run.
+    if s[0] in ("T", "C"):
+        return next(it)
+    if s[0] == "map":
+        values = [_build(c, it) for c in s[3]]
         cls = s[1]
-        if cls in (tuple, list):
-            return cls(values)
-        if hasattr(cls, "_fields"):  # namedtuple
-            return cls(*values)
+        if cls is dict:
+            return dict(zip(s[2], values, strict=True))
+        try:
+            return cls(**dict(zip(s[2], values, strict=True)))  # ModelOutput and other dataclass-like maps
+        except TypeError:
+            return cls(zip(s[2], values, strict=True))
+    values = [_build(c, it) for c in s[2]]
+    cls = s[1]
+    if cls in (tuple, list):
         return cls(values)
-
-    return build(spec)
+    if hasattr(cls, "_fields"):  # namedtuple
+        return cls(*values)
+    return cls(values)
 
 
 def _spec_json(spec: Any) -> Any:
@@ -239,7 +243,14 @@ def _buffer(t: torch.Tensor) -> memoryview:
 
 
 class _MemoryStore:
-    """Rows of each layout in one growing tensor per output leaf (one gather per hit batch)."""
+    """Rows of each layout in chunks, each one tensor per output leaf.
+
+    Capacity doubles as samples arrive (chunks of 64, 64, 128, 256, ... rows,
+    at most ``_CHUNK_BYTES`` each) by *adding* a chunk: stored rows are never
+    copied into a bigger buffer, so filling the cache never holds two copies
+    of it, and the capacity beyond what is stored is at most one chunk. A hit
+    batch is gathered with one ``index_select`` per chunk it touches.
+    """
 
     def __init__(self, budget: int | None, pin: bool) -> None:
         self.budget = budget
@@ -249,32 +260,32 @@ class _MemoryStore:
     def clear(self) -> None:
         self.index: dict[bytes, tuple[str, int]] = {}
         self.layouts: dict[str, _Layout] = {}
-        self.slabs: dict[str, list[torch.Tensor]] = {}
+        self.chunks: dict[str, list[list[torch.Tensor]]] = {}
+        self.starts: dict[str, list[int]] = {}  # first slot of each chunk
+        self.cap: dict[str, int] = {}
         self.count: dict[str, int] = {}
         self.nbytes = 0
 
     def _grow(self, lid: str, layout: _Layout, need: int) -> int:
-        """Make room for up to ``need`` more rows; return how many fit."""
-        slab = self.slabs.get(lid)
-        cap = slab[0].shape[0] if slab else 0
+        """Add chunks for up to ``need`` more rows; return how many fit."""
+        cap = self.cap.get(lid, 0)
         used = self.count.get(lid, 0)
-        if used + need <= cap:
-            return need
-        row = sum(layout.row_bytes)
-        want = max(used + need, 2 * cap, 64)
-        if self.budget is not None:
-            room = (self.budget - self.nbytes) // max(row, 1) + cap
-            want = min(want, room)
-        if want <= cap:
-            return cap - used
-        new = [torch.empty((want, *s), dtype=d, pin_memory=self.pin) for s, d in zip(layout.shapes, layout.dtypes, strict=True)]
-        if slab:
-            for dst, src in zip(new, slab, strict=True):
-                dst[:used].copy_(src[:used])
-        self.slabs[lid] = new
-        self.layouts[lid] = layout
-        self.nbytes += (want - cap) * row
-        return min(need, want - used)
+        row = max(sum(layout.row_bytes), 1)
+        while used + need > cap:
+            rows = min(max(cap, 64), max(_CHUNK_BYTES // row, 1))
+            if self.budget is not None:
+                rows = min(rows, (self.budget - self.nbytes) // row)
+            if rows <= 0:
+                break
+            chunk = [torch.empty((rows, *s), dtype=d, pin_memory=self.pin)
+                     for s, d in zip(layout.shapes, layout.dtypes, strict=True)]
+            self.layouts[lid] = layout
+            self.chunks.setdefault(lid, []).append(chunk)
+            self.starts.setdefault(lid, []).append(cap)
+            cap += rows
+            self.nbytes += rows * row
+        self.cap[lid] = cap
+        return max(0, min(need, cap - used))
 
     def put(self, lid: str, layout: _Layout, keys: list[bytes], rows: list[torch.Tensor]) -> int:
         """Store as many rows as the budget allows; return how many were stored."""
@@ -282,20 +293,42 @@ class _MemoryStore:
         if n <= 0:
             return 0
         start = self.count.get(lid, 0)
-        for dst, src in zip(self.slabs[lid], rows, strict=True):
-            dst[start:start + n].copy_(src[:n])
+        starts = self.starts[lid]
+        done = 0
+        while done < n:
+            slot = start + done
+            c = bisect.bisect_right(starts, slot) - 1
+            chunk = self.chunks[lid][c]
+            local = slot - starts[c]
+            k = min(n - done, chunk[0].shape[0] - local)
+            for dst, src in zip(chunk, rows, strict=True):
+                dst[local:local + k].copy_(src[done:done + k])
+            done += k
         for i, key in enumerate(keys[:n]):
             self.index[key] = (lid, start + i)
         self.count[lid] = start + n
         return n
 
     def get(self, lid: str, slots: list[int]) -> list[torch.Tensor]:
+        chunks = self.chunks[lid]
+        starts = self.starts[lid]
+        out = [torch.empty((len(slots), *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin) for t in chunks[0]]
+        lo, hi = min(slots), max(slots)
+        c = bisect.bisect_right(starts, lo) - 1
+        if bisect.bisect_right(starts, hi) - 1 == c:  # all in one chunk: gather straight into the output
+            idx = torch.tensor(slots, dtype=torch.long)
+            if starts[c]:
+                idx -= starts[c]
+            for dst, src in zip(out, chunks[c], strict=True):
+                torch.index_select(src, 0, idx, out=dst)
+            return out
         idx = torch.tensor(slots, dtype=torch.long)
-        out = []
-        for slab in self.slabs[lid]:
-            dst = torch.empty((len(slots), *slab.shape[1:]), dtype=slab.dtype, pin_memory=self.pin)
-            torch.index_select(slab, 0, idx, out=dst)
-            out.append(dst)
+        which = torch.bucketize(idx, torch.tensor(starts[1:], dtype=torch.long), right=True)
+        for c in which.unique().tolist():
+            pos = (which == c).nonzero().squeeze(1)
+            local = idx.index_select(0, pos) - starts[c]
+            for dst, src in zip(out, chunks[c], strict=True):
+                dst.index_copy_(0, pos, src.index_select(0, local))
         return out
 
 
@@ -845,7 +878,8 @@ def precompute(
     Runs under ``torch.no_grad()``. When each cache is called once per batch
     (checked on the first batch), the rest of the model's forward is skipped
     once the features are stored, so the pass costs about as much as running
-    the cached modules alone.
+    the cached modules alone, plus the rest of the model's forward on the
+    first batch (the check).
 
     Args:
         model: a model holding modules wrapped by :func:`cache`.
