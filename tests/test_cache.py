@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import subprocess
@@ -405,7 +406,12 @@ def test_bad_arguments():
         lf.cache(lin)
 
 
-def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them():
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "stacked"])
+def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them(monkeypatch, merge):
+    cache_mod = importlib.import_module("layerfreeze.cache")
+
+    if not merge:  # a store too large to merge gathers row views from the chunks
+        monkeypatch.setattr(cache_mod, "_MERGE_BYTES", 0)
     torch.manual_seed(3)
     lin = nn.Linear(6, 5)
     cached = frozen_cached(nn.Sequential(lin))
@@ -423,9 +429,21 @@ def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them():
     s = cached.stats()
     assert s.bytes_held == 512 * 5 * 4 and s.entries == 300
     perm = torch.randperm(300)
-    for idx in (perm[:37], perm, torch.arange(70, 120), torch.tensor([299, 0, 64, 128, 5])):
+    for idx in (torch.arange(70, 120), perm[:37], perm, torch.tensor([299, 0, 64, 128, 5])):
         assert torch.equal(cached(x[idx]), ref[idx])  # one chunk or several, any order
     assert cached.stats().misses == 300
+    # the first batch spanning chunks merged them (warm epochs gather with one index_select)
+    assert len(next(iter(store.chunks.values()))) == (1 if merge else 4)
+    assert cached.stats().bytes_held == 512 * 5 * 4
+    cached(x[300 - 1:])  # a hit after the merge still serves the same bits
+    more = torch.randn(400, 6)
+    with torch.no_grad():
+        ref_more = lin(more)
+    assert torch.equal(cached(more), ref_more)  # growth continues after a merge
+    idx = torch.randperm(700)
+    both = torch.cat([x, more])
+    assert torch.equal(cached(both[idx]), torch.cat([ref, ref_more])[idx])
+    assert cached.stats().entries == 700 and cached.stats().misses == 700
 
 
 def test_a_memory_bound_caps_the_chunks():

@@ -59,6 +59,7 @@ _STORES = ("memory", "disk")
 _CONST_TYPES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _FORMAT = 1
 _CHUNK_BYTES = 256 << 20  # largest chunk of the memory store
+_MERGE_BYTES = 4 << 30  # past this, a memory store's chunks are no longer merged
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,10 @@ class _MemoryStore:
     """Rows of each layout in chunks, each one tensor per output leaf.
 
     Capacity doubles as samples arrive (chunks of 64, 64, 128, 256, ... rows,
-    at most ``_CHUNK_BYTES`` each) by *adding* a chunk: stored rows are never
-    copied into a bigger buffer, so filling the cache never holds two copies
-    of it, and the capacity beyond what is stored is at most one chunk. A hit
-    batch is gathered with one ``index_select`` per chunk it touches.
+    at most ``_CHUNK_BYTES`` each) by *adding* a chunk: filling the cache
+    copies no stored row, and the capacity beyond what is stored is at most
+    one chunk. The first hit batch that spans chunks merges them (see
+    :meth:`get`), so warm epochs gather every batch with one ``index_select``.
     """
 
     def __init__(self, budget: int | None, pin: bool) -> None:
@@ -309,26 +310,50 @@ class _MemoryStore:
         self.count[lid] = start + n
         return n
 
-    def get(self, lid: str, slots: list[int]) -> list[torch.Tensor]:
+    def _merge(self, lid: str) -> None:
+        """Copy a layout's chunks into one tensor per leaf (same capacity)."""
         chunks = self.chunks[lid]
+        merged = [torch.empty((self.cap[lid], *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin) for t in chunks[0]]
+        for start, chunk in zip(self.starts[lid], chunks, strict=True):
+            for dst, src in zip(merged, chunk, strict=True):
+                dst[start:start + src.shape[0]].copy_(src)
+        self.chunks[lid] = [merged]
+        self.starts[lid] = [0]
+
+    def get(self, lid: str, slots: list[int], device: torch.device) -> list[torch.Tensor]:
+        """The rows at ``slots``, in that order, on ``device``.
+
+        A hit batch that spans several chunks first merges them into one
+        tensor per leaf (chunks are added at doubling sizes, so this happens a
+        logarithmic number of times, each time the stored rows exist twice for
+        a moment; past ``_MERGE_BYTES`` rows are stacked from the chunks
+        instead); then each leaf is one ``index_select`` into a (pinned, on
+        CUDA) staging buffer and one transfer to ``device``.
+        """
         starts = self.starts[lid]
-        out = [torch.empty((len(slots), *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin) for t in chunks[0]]
-        lo, hi = min(slots), max(slots)
-        c = bisect.bisect_right(starts, lo) - 1
-        if bisect.bisect_right(starts, hi) - 1 == c:  # all in one chunk: gather straight into the output
-            idx = torch.tensor(slots, dtype=torch.long)
-            if starts[c]:
-                idx -= starts[c]
-            for dst, src in zip(out, chunks[c], strict=True):
-                torch.index_select(src, 0, idx, out=dst)
-            return out
+        first = bisect.bisect_right(starts, min(slots)) - 1
+        if bisect.bisect_right(starts, max(slots)) - 1 != first:
+            if self.nbytes > _MERGE_BYTES:  # too big to copy again: one row view per sample
+                chunks = self.chunks[lid]
+                where = [(c, slot - starts[c]) for c, slot in
+                         zip((bisect.bisect_right(starts, slot) - 1 for slot in slots), slots, strict=True)]
+                out = []
+                for j, t in enumerate(chunks[0]):
+                    dst = torch.empty((len(slots), *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin)
+                    torch.stack([chunks[c][j][r] for c, r in where], out=dst)
+                    out.append(dst.to(device, non_blocking=True))
+                return out
+            self._merge(lid)
+            first = 0
+        start = self.starts[lid][first]
         idx = torch.tensor(slots, dtype=torch.long)
-        which = torch.bucketize(idx, torch.tensor(starts[1:], dtype=torch.long), right=True)
-        for c in which.unique().tolist():
-            pos = (which == c).nonzero().squeeze(1)
-            local = idx.index_select(0, pos) - starts[c]
-            for dst, src in zip(out, chunks[c], strict=True):
-                dst.index_copy_(0, pos, src.index_select(0, local))
+        if start:
+            idx -= start
+        out = []
+        for src in self.chunks[lid][first]:
+            dst = torch.empty((len(slots), *src.shape[1:]), dtype=src.dtype, pin_memory=self.pin)
+            torch.index_select(src, 0, idx, out=dst)
+            out.append(dst.to(device, non_blocking=True))
         return out
 
 
@@ -666,16 +691,16 @@ class _FeatureCache:
             self.misses += batch - len(miss)
             self.hits -= batch - len(miss)
             return self.forward(*args, **kwargs)
-        parts = self._gather(found, hit, hit_layout)
+        parts = self._gather(found, hit, device)
         if not miss:
-            outs = [p.to(device, non_blocking=True) for p in parts]
+            outs = parts
         else:
             outs = []
             hit_idx = torch.tensor(hit, device=device)
             miss_idx = torch.tensor(miss, device=device)
             for p, f in zip(parts, fresh, strict=True):
                 full = torch.empty((batch, *p.shape[1:]), dtype=p.dtype, device=device)
-                full.index_copy_(0, hit_idx, p.to(device, non_blocking=True))
+                full.index_copy_(0, hit_idx, p)
                 full.index_copy_(0, miss_idx, f.detach())
                 outs.append(full)
         return _rebuild(hit_layout, outs)
@@ -691,22 +716,22 @@ class _FeatureCache:
                 return ("d", got[0], got[1])
         return None
 
-    def _gather(self, found: list[Any], hit: list[int], layout: _Layout) -> list[torch.Tensor]:
+    def _gather(self, found: list[Any], hit: list[int], device: torch.device) -> list[torch.Tensor]:
         in_mem = [i for i in hit if found[i][0] == "m"]
         on_disk = [i for i in hit if found[i][0] == "d"]
         lid = found[hit[0]][1]
         if not on_disk:
             assert self.memory is not None
-            return self.memory.get(lid, [found[i][2] for i in hit])
+            return self.memory.get(lid, [found[i][2] for i in hit], device)
         assert self.disk is not None
         if not in_mem:
-            return self.disk.get(lid, [found[i][2] for i in hit])
+            return [t.to(device, non_blocking=True) for t in self.disk.get(lid, [found[i][2] for i in hit])]
         assert self.memory is not None
-        a = self.memory.get(lid, [found[i][2] for i in in_mem])
+        a = self.memory.get(lid, [found[i][2] for i in in_mem], torch.device("cpu"))
         b = self.disk.get(lid, [found[i][2] for i in on_disk])
         pos = {i: k for k, i in enumerate(in_mem + on_disk)}
         order = torch.tensor([pos[i] for i in hit])
-        return [torch.cat([x, y])[order] for x, y in zip(a, b, strict=True)]
+        return [torch.cat([x, y])[order].to(device, non_blocking=True) for x, y in zip(a, b, strict=True)]
 
     def _store(self, layout: _Layout, keys: list[bytes], fresh: list[torch.Tensor]) -> None:
         if self._prints is None:
