@@ -29,12 +29,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from .core import apply_change
 from .distributed import attach
 from .freezer import Freezer
 from .lrsched import same_optimizer, unwrap_scheduler
 from .schedule import Schedule
-from .selectors import ModelIndex
 
 __all__ = ["LayerFreeze"]
 
@@ -75,11 +73,7 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        index = ModelIndex(pl_module)
-        self.schedule.validate(index)
-        scales = self.schedule.trainable_scales(index)
-        # lr-scaled parameters need their own group: the Freezer adds those
-        apply_change(index.model, unfreeze=[n for n, s in scales.items() if s is None], index=index)
+        self.schedule.unfreeze_ahead(pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._detach()

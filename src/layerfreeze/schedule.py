@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .core import _is_stat_norm, _keeper
+from .core import _is_stat_norm, _keeper, apply_change
 from .rules import (
     AdaptiveFreezeRule,
     Decision,
@@ -255,6 +255,22 @@ class Schedule:
         for i, rule in enumerate(self.rules):
             out.update(rule.trainable_scales(index, origin=self.origin(i)))
         return {n: out[n] for n in index.order if n in out}
+
+    def unfreeze_ahead(self, model: nn.Module) -> list[str]:
+        """Make trainable now every parameter some rule may train at the base lr.
+
+        For trainers that build their optimizer from the parameters that
+        require grad: called before the optimizer exists, it puts those
+        parameters in its usual groups (and its LR scheduler and checkpoints
+        cover them from the start); the Freezer then freezes what the schedule
+        says. Parameters with an lr scale are left to the Freezer, which gives
+        them groups of their own. Returns the names made trainable.
+        """
+        index = ModelIndex(model)
+        self.validate(index)
+        plain = [n for n, s in self.trainable_scales(index).items() if s is None]
+        apply_change(index.model, unfreeze=plain, index=index)
+        return plain
 
     def timeline(
         self,

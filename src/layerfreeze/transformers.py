@@ -41,11 +41,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .core import apply_change
 from .freezer import Freezer
 from .optim import optimizer_param_ids
 from .schedule import Schedule
-from .selectors import ModelIndex
 
 __all__ = ["LayerFreezeCallback"]
 
@@ -84,12 +82,7 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             return
-        index = ModelIndex(model)
-        self.schedule.validate(index)
-        scales = self.schedule.trainable_scales(index)
-        # lr-scaled parameters need their own group: the Freezer adds those
-        plain = [n for n, s in scales.items() if s is None]
-        apply_change(index.model, unfreeze=plain, index=index)
+        self.schedule.unfreeze_ahead(model)
 
     def on_train_begin(
         self,
