@@ -72,14 +72,34 @@ def leaves(out):
     return [out]
 
 
-def same(a, b):
+def same(a, b, *, exact=True):
+    """Same structure and values: bitwise where the same computation ran twice,
+    else within float32 rounding (another batch composition or row order may
+    pick another reduction order, and PyTorch does not promise bitwise results)."""
     la, lb = leaves(a), leaves(b)
     assert type(a) is type(b) and len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
         if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            if exact:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
         else:
             assert x == y
+
+
+def permuted(out, idx):
+    """``out`` with its batch rows (dimension 0 of every tensor) taken at ``idx``."""
+    if isinstance(out, torch.Tensor):
+        return out[idx]
+    if isinstance(out, dict):
+        return type(out)(**{k: permuted(v, idx) for k, v in out.items()})
+    if hasattr(out, "_fields"):
+        return type(out)(*(permuted(v, idx) for v in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(permuted(v, idx) for v in out)
+    return out
 
 
 def make(kind):
@@ -118,7 +138,8 @@ def test_hits_equal_fresh_forward_of_same_batch(kind):
     a, k = rows(args, kwargs, perm)
     hit = cached(*a, **k)
     assert cached.stats().hits == 24 and cached.stats().misses == 24
-    same(hit, reference(*a, **k))
+    same(hit, permuted(first, perm))  # a hit serves exactly what was stored
+    same(hit, reference(*a, **k), exact=False)  # and what a fresh forward gives, within rounding
     assert all(not t.requires_grad for t in leaves(hit) if isinstance(t, torch.Tensor))
 
 
