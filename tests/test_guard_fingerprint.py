@@ -39,7 +39,7 @@ CASES = {
 def test_any_single_element_change_changes_the_fingerprint(name):
     make = CASES[name]
     base = fingerprint(make())
-    assert base.dtype == torch.int64 and base.dim() == 0
+    assert base.dtype == torch.int64 and base.shape == (2,)
     assert torch.equal(fingerprint(make()), base)  # equal values, equal fingerprint
     for i in range(make().numel()):
         t = make()
@@ -107,3 +107,109 @@ def test_guard_follows_a_replaced_storage(monkeypatch):
     net.weight.data = net.weight.data + 1      # new storage, new values
     with pytest.raises(lf.FrozenParameterChanged, match="weight"):
         g.check()
+
+
+# --------------------------------------------------------------------------- order and memory layout
+
+
+def test_a_permutation_changes_the_fingerprint():
+    w = _rand(16, 8)
+    base = fingerprint(w)
+    assert not torch.equal(fingerprint(w.flip(0)), base)
+    assert not torch.equal(fingerprint(w.flip(1)), base)
+    assert not torch.equal(fingerprint(w[torch.randperm(16, generator=torch.Generator().manual_seed(1))]), base)
+
+
+@pytest.mark.parametrize("n", [2, 9, 4096, 4097, 40_001])
+def test_any_swap_of_two_different_words_changes_the_fingerprint(n):
+    """Exact: S1 moves by (p - q) * (w_q - w_p), nonzero for these sizes and values."""
+    w = torch.randint(-(2**40), 2**40, (n,), dtype=torch.int64, generator=torch.Generator().manual_seed(n))
+    base = fingerprint(w)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p, q = torch.randint(0, n, (2,), generator=gen).tolist()
+        if w[p] == w[q]:
+            continue
+        s = w.clone()
+        s[p], s[q] = w[q], w[p]
+        assert not torch.equal(fingerprint(s), base), (p, q)
+
+
+def test_the_position_weighted_sum_is_exact_at_every_size():
+    for n in (0, 1, 4095, 4096, 4097, 8 * 4097 + 3, 100_003):
+        w = torch.randint(-(2**62), 2**62, (n,), dtype=torch.int64, generator=torch.Generator().manual_seed(n))
+        idx = torch.arange(n, dtype=torch.int64)
+        expected = torch.stack([w.sum(), (w * idx).sum()]) if n else torch.zeros(2, dtype=torch.int64)
+        assert torch.equal(fingerprint(w), expected), n
+
+
+def _one_edit(net, edit):
+    fz = lf.Freezer(net)
+    fz.freeze("0")
+    fz.check()
+    with torch.no_grad():
+        edit(net[0].weight)
+    with pytest.raises(lf.FrozenParameterChanged, match=r"0\.weight"):
+        fz.check()
+    fz.close()
+
+
+def test_guard_sees_an_edit_of_a_channels_last_convolution():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).to(memory_format=torch.channels_last)
+    assert not net[0].weight.is_contiguous()
+
+    def edit(w):
+        w[0, 1, 0, 0] += 1
+
+    _one_edit(net, edit)
+
+
+def test_guard_sees_an_edit_of_a_transposed_parameter():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    net[0].weight = torch.nn.Parameter(torch.randn(5, 3).t())  # a non-contiguous parameter
+    assert not net[0].weight.is_contiguous()
+
+    def edit(w):
+        w[2, 4] += 1
+
+    _one_edit(net, edit)
+
+
+def test_guard_sees_rows_swapped_in_place():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    _one_edit(net, lambda w: w.copy_(w.flip(0)))
+
+
+def test_guard_keeps_no_copy_of_a_non_contiguous_parameter():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).to(memory_format=torch.channels_last)
+    lf.freeze(net)
+    g = Guard(net)
+    for e in g._entries.values():
+        assert e.words.untyped_storage().data_ptr() == e.param.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "batched"])
+def test_observe_records_the_step_and_the_verdict_names_it(monkeypatch, batched):
+    """The comparison is recorded on the device; the verdict, read later, names the first bad step."""
+    from layerfreeze import guard as guard_mod
+
+    monkeypatch.setattr(guard_mod, "_batched", lambda device: batched)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    lf.freeze(net, "0")
+    g = guard_mod.Guard(net, read_every=0)
+    # read nothing on observe: the CPU shortcut reads at once, so hold it back
+    monkeypatch.setattr(guard_mod.Guard, "verdict", lambda self: None)
+    g.observe(step=1)
+    with torch.no_grad():
+        net[0].bias[1] += 1
+    g.observe(step=2)
+    g.observe(step=3)
+    monkeypatch.undo()
+    monkeypatch.setattr(guard_mod, "_batched", lambda device: batched)
+    with pytest.raises(lf.FrozenParameterChanged, match="at optimizer step 2: 0.bias") as info:
+        g.verdict()
+    assert info.value.step == 2 and info.value.names == ["0.bias"]
+    g.check()  # reported once

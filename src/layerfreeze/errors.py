@@ -52,10 +52,12 @@ class FrozenParameterChanged(LayerFreezeError, RuntimeError):
 
     Attributes:
         names: qualified names of the parameters that changed.
+        step: the optimizer step after which the change was first seen, if known.
     """
 
-    def __init__(self, message: str, names: Sequence[str]) -> None:
+    def __init__(self, message: str, names: Sequence[str], *, step: int | None = None) -> None:
         self.names = list(names)
+        self.step = step
         super().__init__(message)
 
 

@@ -302,7 +302,7 @@ class Freezer:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.optimizer_steps += 1
         if self._guard_every and self.optimizer_steps % self._guard_every == 0:
-            self.guard.check()
+            self.guard.observe(step=self.optimizer_steps)
         grew = False
         for _, collector in self._collectors:
             if self.optimizer_steps % collector.rule.check_every == 0:
