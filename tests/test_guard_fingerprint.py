@@ -209,7 +209,7 @@ def test_observe_records_the_step_and_the_verdict_names_it(monkeypatch, batched)
     g.observe(step=3)
     monkeypatch.undo()
     monkeypatch.setattr(guard_mod, "_batched", lambda device: batched)
-    with pytest.raises(lf.FrozenParameterChanged, match="at optimizer step 2: 0.bias") as info:
+    with pytest.raises(lf.FrozenParameterChanged, match=r"changed value: 0\.bias\. First seen by the check after optimizer step 2\.") as info:
         g.verdict()
     assert info.value.step == 2 and info.value.names == ["0.bias"]
     g.check()  # reported once

@@ -391,12 +391,12 @@ class Guard:
                 self._entries[id(e.param)] = _entry(e.name, e.param)
         self._devices = None
         known = [s for s in changed_at if s >= 0]
-        when = f" at optimizer step {min(known)}" if known else ""
+        when = f" First seen by the check after optimizer step {min(known)}." if known else ""
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         if not changed:
             shown = "(changed back since; values now match the reference)"
         raise FrozenParameterChanged(
-            f"frozen parameters changed value{when}: {shown}. Likely causes: an optimizer stepping a "
+            f"frozen parameters changed value: {shown}.{when} Likely causes: an optimizer stepping a "
             "parameter whose .grad was set by hand; an in-place edit (.data, copy_, "
             "load_state_dict) of a frozen weight; a frozen tensor sharing storage with a "
             "trainable one. If the change was intended, call Freezer.refresh() to accept it.",
