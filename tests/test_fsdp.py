@@ -65,7 +65,7 @@ def _worker(rank: int, port: int, q: Any) -> None:
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
         fz = lf.Freezer(net, opt)
         ref_fz = lf.Freezer(ref, ref_opt)
-        out["attached"] = fz._distributed is not None
+        out["attached"] = fz.distributed is not None
         phases = [("start", None), ("unfreeze", "fc2"), ("freeze", "fc1")]
         step = 0
         out["phases"] = []

@@ -269,7 +269,7 @@ def test_adaptive_collects_norms_without_a_second_backward() -> None:
     model(torch.ones(1, 4)).sum().backward()
     grads = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in layer.parameters()])) for layer in model[0]]
     opt.step()
-    collector = fz._collectors[0][1]
+    collector = fz.adaptive.collectors[0][1]
     assert [float(v) for v in collector.sums] == pytest.approx([float(g) for g in grads])
     assert collector.counts == [1, 1]
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import ScheduleError
-from .rules import RULES, Rule, ScheduleTypeError
+from .errors import ScheduleError, ScheduleTypeError
+from .rules import RULES, Rule
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -221,7 +221,8 @@ def load_config(path: str | Path) -> Any:
     (duplicate keys rejected).
 
     Raises:
-        ScheduleError: an unknown suffix, or a file that does not parse.
+        ScheduleError: an unknown suffix, a file that is not UTF-8 text, or
+            that does not parse; the message names the file.
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -230,7 +231,13 @@ def load_config(path: str | Path) -> Any:
         raise ScheduleError(
             f"{path}: unknown config format {suffix or '(no suffix)'!r}; use .yaml, .yml, .toml or .json"
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScheduleError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save the config as UTF-8"
+        ) from None
     if suffix in (".yaml", ".yml"):
         return _load_yaml(text, path)
     if suffix == ".toml":

@@ -18,6 +18,17 @@ from typing import Any, Literal, Protocol
 
 from torch import nn
 
+from .errors import ArgumentError, ArgumentTypeError, SelectorError
+from .holds import (
+    KeepEval,
+    check_mode,
+    hold_eval,
+    holds_for,
+    keeper,
+    kept_in_eval,
+    release,
+    releases_for,
+)
 from .selectors import ModelIndex, resolve, unwrap
 
 __all__ = [
@@ -34,8 +45,12 @@ __all__ = [
 
 log = logging.getLogger("layerfreeze")
 
+# the names these helpers had when they lived here
+_KeepEval, _keeper, _hold_eval, _release = KeepEval, keeper, hold_eval, release
+_check_mode, _holds_for, _releases_for = check_mode, holds_for, releases_for
+__all__ += ["kept_in_eval"]
+
 Mode = Literal["norm", "eval", "keep"]
-_MODES = ("norm", "eval", "keep")
 
 
 @dataclass(frozen=True)
@@ -101,103 +116,78 @@ class Listener(Protocol):
         """Follow the change, after parameters and modes were updated."""
 
 
-_listeners: weakref.WeakKeyDictionary[nn.Module, list[Listener]] = weakref.WeakKeyDictionary()
+class _Strong:
+    """A strong reference with the call shape of ``weakref.ref``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Listener) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Listener:
+        return self.obj
+
+
+_Ref = Any  # weakref.ref[Listener] | _Strong
+_listeners: weakref.WeakKeyDictionary[nn.Module, list[_Ref]] = weakref.WeakKeyDictionary()
 
 
 class _Subscription:
-    def __init__(self, model: nn.Module, listener: Listener) -> None:
+    """The handle :func:`subscribe` returns; ``remove()`` unsubscribes."""
+
+    def __init__(self, model: nn.Module, ref: _Ref) -> None:
         self._model = weakref.ref(model)
-        self._listener = listener
+        self._ref = ref
 
     def remove(self) -> None:
         model = self._model()
         if model is not None and model in _listeners:
             with contextlib.suppress(ValueError):
-                _listeners[model].remove(self._listener)
+                _listeners[model].remove(self._ref)
 
 
-def subscribe(model: nn.Module, listener: Listener) -> _Subscription:
+def subscribe(model: nn.Module, listener: Listener, *, weak: bool = False) -> _Subscription:
     """Have ``listener`` validate and follow every freeze change of ``model``.
 
-    Returns a handle whose ``remove()`` unsubscribes.
+    Args:
+        model: the model (wrappers are looked through).
+        listener: an object with ``validate(change)`` and ``apply(change)``.
+        weak: hold the listener weakly: once nothing else refers to it, it
+            stops following the model (and can no longer veto a change),
+            without a ``remove()``. :class:`~layerfreeze.Freezer` subscribes
+            this way, so a dropped Freezer frees its optimizer and state.
+
+    Returns:
+        A handle whose ``remove()`` unsubscribes.
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> class Log:
+        ...     def validate(self, change): pass
+        ...     def apply(self, change): print("froze", change.freeze)
+        >>> net = nn.Linear(2, 1)
+        >>> handle = lf.subscribe(net, Log())
+        >>> _ = lf.freeze(net, "bias")
+        froze ['bias']
+        >>> handle.remove()
     """
     root = unwrap(model)
-    _listeners.setdefault(root, []).append(listener)
-    return _Subscription(root, listener)
+    ref: _Ref = weakref.ref(listener) if weak else _Strong(listener)
+    _listeners.setdefault(root, []).append(ref)
+    return _Subscription(root, ref)
 
 
-# --------------------------------------------------------------------------- modes
-
-
-def _is_stat_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase) and bool(module.track_running_stats)
-
-
-class _KeepEval:
-    """Replaces a module's ``train`` so that ``model.train()`` cannot undo a freeze.
-
-    Installed as an instance attribute (the class's ``train`` is untouched), so
-    the module's own class, parameters and state dict are unchanged. It keeps
-    the module in eval mode and passes the requested mode on to its children,
-    each of which decides for itself.
-    """
-
-    __slots__ = ("module", "mode", "requested")
-
-    def __init__(self, module: nn.Module, mode: str) -> None:
-        self.module = module
-        self.mode = mode
-        self.requested = module.training
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        self.requested = mode
-        self.module.training = False
-        for child in self.module.children():
-            child.train(mode)
-        return self.module
-
-
-def _keeper(module: nn.Module) -> _KeepEval | None:
-    k = module.__dict__.get("train")
-    return k if isinstance(k, _KeepEval) else None
-
-
-def _hold_eval(module: nn.Module, mode: str) -> None:
-    current = _keeper(module)
-    if current is not None:
-        if mode == "eval":
-            current.mode = "eval"
-        return
-    module.__dict__["train"] = _KeepEval(module, mode)
-    module.training = False
-
-
-def _release(module: nn.Module) -> None:
-    keeper = _keeper(module)
-    if keeper is not None:
-        del module.__dict__["train"]
-        module.training = keeper.requested
-
-
-def kept_in_eval(model: nn.Module) -> dict[str, str]:
-    """Modules held in eval mode by a freeze: name -> mode (``"norm"``/``"eval"``)."""
-    out = {}
-    for name, module in unwrap(model).named_modules():
-        keeper = _keeper(module)
-        if keeper is not None:
-            out[name] = keeper.mode
-    return out
+def listeners(model: nn.Module) -> list[Listener]:
+    """The live listeners of ``model``, in subscription order (dead weak ones are dropped)."""
+    refs = _listeners.get(unwrap(model))
+    if not refs:
+        return []
+    live = [(r, r()) for r in refs]
+    refs[:] = [r for r, obj in live if obj is not None]
+    return [obj for _, obj in live if obj is not None]
 
 
 # --------------------------------------------------------------------------- the road
-
-
-def _check_mode(mode: object) -> str:
-    if mode not in _MODES:
-        raise ValueError(f"mode={mode!r} is not one of {', '.join(map(repr, _MODES))}")
-    return str(mode)
 
 
 def trainable_count(index: ModelIndex) -> int:
@@ -230,15 +220,25 @@ def apply_change(
     """
     root = unwrap(model)
     index = index or ModelIndex(root)
+    _check_names(index, freeze, "freeze", index.by_canonical, "parameter")
+    _check_names(index, unfreeze, "unfreeze", index.by_canonical, "parameter")
+    _check_names(index, list(hold or {}), "hold", index.modules, "module")
+    _check_names(index, release, "release", index.modules, "module")
+    for name, mode in (hold or {}).items():
+        if mode not in ("norm", "eval"):
+            raise ArgumentError(f"hold[{name!r}]={mode!r}: a hold is 'norm' or 'eval'")
     to_freeze = [n for n in dict.fromkeys(freeze) if index.by_canonical[n].requires_grad]
     to_unfreeze = [n for n in dict.fromkeys(unfreeze) if not index.by_canonical[n].requires_grad]
-    overlap = set(to_freeze) & set(to_unfreeze)
+    overlap = set(freeze) & set(unfreeze)
     if overlap:
-        raise ValueError(f"cannot freeze and unfreeze the same parameters at once: {sorted(overlap)}")
+        raise ArgumentError(
+            f"cannot freeze and unfreeze the same parameters at once: {sorted(overlap)}; "
+            "make two calls, or take them out of one of the lists"
+        )
     change = Change(root, index, to_freeze, to_unfreeze, dict(options or {}))
-    listeners = list(_listeners.get(root, ()))
+    parties = listeners(root)
     if to_freeze or to_unfreeze:
-        for listener in listeners:
+        for listener in parties:
             listener.validate(change)
 
     for p in change.params(to_freeze):
@@ -249,11 +249,11 @@ def apply_change(
     for name in release:
         _release(index.modules[name])
     for name, mode in (hold or {}).items():
-        _hold_eval(index.modules[name], mode)
+        hold_eval(index.modules[name], mode)
 
     if not (to_freeze or to_unfreeze):
         return []
-    for listener in listeners:
+    for listener in parties:
         listener.apply(change)
     trainable = trainable_count(index)
     epoch, step = change.options.get("epoch"), change.options.get("step")
@@ -267,12 +267,22 @@ def apply_change(
     return made
 
 
-def _holds_for(index: ModelIndex, modules: Sequence[str], mode: str) -> dict[str, str]:
-    if mode == "keep":
-        return {}
-    if mode == "eval":
-        return {name: "eval" for name in modules}
-    return {name: "norm" for name in modules if _is_stat_norm(index.modules[name])}
+def _check_names(index: ModelIndex, names: object, what: str, known: dict[str, Any], kind: str) -> None:
+    if isinstance(names, str):
+        raise ArgumentTypeError(f"{what}= takes a list of canonical {kind} names, got the string {names!r}; "
+                                f"write {what}=[{names!r}]")
+    unknown = [n for n in names if n not in known]  # type: ignore[attr-defined]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), list(known), n=3, cutoff=0.5)
+        raise SelectorError(
+            f"{what}= names {kind}(s) this model does not have: {unknown[:5]}; apply_change takes "
+            f"canonical {kind} names (lf.select(model, ...) gives them for a selector)",
+            selector=unknown[0],
+            origin=f"apply_change {what}=",
+            suggestions=close,
+        )
 
 
 def _tie_note(index: ModelIndex, names: Sequence[str], modules: Sequence[str]) -> None:
@@ -293,7 +303,7 @@ def freeze(
     Args:
         model: the model (DDP and ``torch.compile`` wrappers are looked through).
         *selectors: what to freeze (see :func:`layerfreeze.select`); none means
-            the whole model.
+            the whole model, an explicit empty list nothing.
         exclude: selectors to leave trainable.
         mode: ``"norm"`` keeps normalization layers with running statistics in
             the selection in eval mode, even across later ``model.train()``;
@@ -315,11 +325,11 @@ def freeze(
         >>> net.train()[1].training  # the frozen BatchNorm keeps its statistics
         False
     """
-    mode = _check_mode(mode)  # type: ignore[assignment]
+    mode = check_mode(mode)  # type: ignore[assignment]
     index = ModelIndex(model)
     res = resolve(index, selectors, exclude)
     _tie_note(index, res.params, res.modules)
-    apply_change(index.model, freeze=res.params, hold=_holds_for(index, res.modules, mode), index=index)
+    apply_change(index.model, freeze=res.params, hold=holds_for(index, res.modules, mode), index=index)
     return res.params
 
 
@@ -329,7 +339,8 @@ def unfreeze(model: nn.Module, *selectors: object, exclude: object = ()) -> list
 
     Args:
         model: the model.
-        *selectors: what to unfreeze; none means the whole model.
+        *selectors: what to unfreeze; none means the whole model, an explicit
+            empty list nothing.
         exclude: selectors to leave as they are.
 
     Returns:
@@ -344,45 +355,8 @@ def unfreeze(model: nn.Module, *selectors: object, exclude: object = ()) -> list
     """
     index = ModelIndex(model)
     res = resolve(index, selectors, exclude)
-    apply_change(index.model, unfreeze=res.params, release=_releases_for(index, res), index=index)
+    apply_change(index.model, unfreeze=res.params, release=releases_for(index, res), index=index)
     return res.params
-
-
-def _releases_for(index: ModelIndex, res: Any, unfreezing: Sequence[str] | None = None) -> list[str]:
-    """Modules to hand back once ``unfreezing`` (default: the selection) is trainable.
-
-    Those are the modules wholly in the selection; held modules left with no
-    frozen parameter of their own; and held modules with no parameter of their
-    own (containers, dropout) once the nearest enclosing module that has
-    parameters has none frozen left and this change unfroze some of them.
-    """
-    names = set(res.params if unfreezing is None else unfreezing)
-    changing = {n for n in names if not index.by_canonical[n].requires_grad}
-    out = list(res.modules)
-    chosen = set(out)
-    subtree_cache: dict[str, set[str]] = {}
-
-    def subtree(name: str) -> set[str]:
-        if name not in subtree_cache:
-            subtree_cache[name] = {index.canonical[id(p)] for p in index.modules[name].parameters()}
-        return subtree_cache[name]
-
-    for name, module in index.modules.items():
-        if name in chosen or _keeper(module) is None:
-            continue
-        own = [p for p in module._parameters.values() if p is not None]
-        if own:
-            if all(p.requires_grad or index.canonical[id(p)] in names for p in own):
-                out.append(name)
-            continue
-        anchor = name
-        while not subtree(anchor) and anchor:
-            anchor = anchor.rpartition(".")[0]
-        params = subtree(anchor)
-        still_frozen = any(not index.by_canonical[n].requires_grad and n not in names for n in params)
-        if params & changing and not still_frozen:
-            out.append(name)
-    return out
 
 
 @contextlib.contextmanager
@@ -412,11 +386,12 @@ def frozen(
     training = {n: m.training for n, m in index.modules.items()}
     # a hold is restored with the mode it had and the train/eval request it
     # remembered: the block may upgrade "norm" to "eval" or call model.eval()
-    keepers: dict[str, tuple[_KeepEval, str, bool] | None] = {}
+    keepers: dict[str, tuple[KeepEval, str, bool] | None] = {}
     for n, m in index.modules.items():
-        k = _keeper(m)
+        k = keeper(m)
         keepers[n] = (k, k.mode, k.requested) if k is not None else None
     names = freeze(index.model, *selectors, exclude=exclude, mode=mode)
+    chosen = set(names)
     try:
         yield names
     finally:
@@ -424,15 +399,17 @@ def frozen(
         now_trainable = [n for n, p in index.by_canonical.items() if p.requires_grad and not flags[n]]
         apply_change(index.model, freeze=now_trainable, unfreeze=now_frozen, index=index)
         for n, p in index.by_canonical.items():
-            if n in now_frozen and p.grad is None:
+            # the grads the block's freeze dropped come back, also when the
+            # block unfroze the parameters itself
+            if flags[n] and p.requires_grad and p.grad is None and grads[n] is not None and n in chosen:
                 p.grad = grads[n]
         for n, m in index.modules.items():
             saved = keepers[n]
             if saved is None:
-                if _keeper(m) is not None:
+                if keeper(m) is not None:
                     del m.__dict__["train"]
             else:
-                keeper, keeper_mode, requested = saved
-                keeper.mode, keeper.requested = keeper_mode, requested
-                m.__dict__["train"] = keeper
+                held, held_mode, requested = saved
+                held.mode, held.requested = held_mode, requested
+                m.__dict__["train"] = held
             m.training = training[n]

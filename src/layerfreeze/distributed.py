@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .core import Change, subscribe
-from .errors import LayerFreezeError
+from .errors import ArgumentError, RankMismatchError
 from .selectors import ModelIndex, unwrap
 
 __all__ = [
@@ -55,24 +55,13 @@ __all__ = [
     "RankMismatchError",
     "attach",
     "check_frozen_set",
+    "find_ddp",
     "frozen_set_digest",
     "is_fsdp2",
     "rebuild_reducer",
 ]
 
 _MASK = (1 << 62) - 1  # keeps -digest representable in int64
-
-
-class RankMismatchError(LayerFreezeError, RuntimeError):
-    """Ranks of one process group disagree about the frozen set.
-
-    Attributes:
-        frozen_by_rank: rank -> number of frozen parameter tensors it wanted.
-    """
-
-    def __init__(self, message: str, frozen_by_rank: dict[int, int]) -> None:
-        self.frozen_by_rank = frozen_by_rank
-        super().__init__(message)
 
 
 def frozen_set_digest(names: Iterable[str]) -> int:
@@ -166,12 +155,12 @@ def rebuild_reducer(ddp: nn.parallel.DistributedDataParallel) -> None:
     were trained or frozen under it.
 
     Raises:
-        ValueError: no parameter would require grad (DDP cannot reduce an
+        ArgumentError: no parameter would require grad (DDP cannot reduce an
             empty set; unwrap or keep one parameter trainable).
     """
     params, sparse = ddp._build_params_for_reducer()
     if not params:
-        raise ValueError(
+        raise ArgumentError(
             "this change would leave the DistributedDataParallel model with no trainable "
             "parameter, which DDP cannot handle; keep at least one parameter trainable, or "
             "run the fully frozen phase on the inner model (ddp.module) under torch.no_grad()"
@@ -239,9 +228,10 @@ class DistributedSync:
                 if n not in target and f"{prefix}{n}" not in ignored
             ]
             if not left:
-                raise ValueError(
+                raise ArgumentError(
                     "this change would leave the DistributedDataParallel model with no trainable "
-                    "parameter, which DDP cannot handle; keep at least one parameter trainable"
+                    f"parameter ({len(change.freeze)} tensor(s) to freeze), which DDP cannot handle; "
+                    "keep at least one parameter trainable"
                 )
         when = change.options.get("epoch"), change.options.get("step")
         context = ""
@@ -252,7 +242,8 @@ class DistributedSync:
         check_frozen_set(target, group=self.group, device=self._device(), context=context)
 
     def _prefix(self) -> str:
-        assert self.ddp is not None
+        if self.ddp is None:
+            return ""
         for name, module in self.ddp.module.named_modules():
             if module is self.root:
                 return f"{name}." if name else ""
@@ -262,6 +253,9 @@ class DistributedSync:
         if self.ddp is not None:
             rebuild_reducer(self.ddp)
             self.rebuilds += 1
+
+    def close(self) -> None:
+        """Nothing to release: the road's subscription is the only link."""
 
 
 def attach(model: nn.Module, *, root: nn.Module | None = None, group: Any = None) -> Any:
@@ -283,7 +277,7 @@ def attach(model: nn.Module, *, root: nn.Module | None = None, group: Any = None
         >>> attach(nn.Linear(2, 2)) is None
         True
     """
-    found = _find_ddp(model)
+    found = find_ddp(model)
     if found is None and not is_fsdp2(model):
         return None
     sync = DistributedSync(found if found is not None else model, root=root, group=group)
@@ -292,7 +286,14 @@ def attach(model: nn.Module, *, root: nn.Module | None = None, group: Any = None
     return handle
 
 
-def _find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel object ``model`` is or wraps (``torch.compile``), or None.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> find_ddp(nn.Linear(2, 2)) is None
+        True
+    """
     # torch.compile(ddp) puts the DDP object under _orig_mod
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -306,3 +307,6 @@ def _find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
 def frozen_names(model: nn.Module) -> list[str]:
     """Canonical names of the frozen parameters of ``model`` (wrappers looked through)."""
     return [n for n, p in ModelIndex(model).by_canonical.items() if not p.requires_grad]
+
+
+_find_ddp = find_ddp

@@ -71,3 +71,29 @@ class StateDictError(LayerFreezeError, ValueError):
 
 class ScheduleError(LayerFreezeError, ValueError):
     """A schedule rule or config that is malformed."""
+
+
+class ScheduleTypeError(ScheduleError, TypeError):
+    """A rule argument or config value of the wrong type (also a ``TypeError``)."""
+
+
+class ArgumentError(LayerFreezeError, ValueError):
+    """An argument outside the values a function accepts (a mode, an interval,
+    a count); the message names the argument, the value and what is accepted."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (a model that is not an ``nn.Module``, an
+    optimizer or scheduler of another kind); also a ``TypeError``."""
+
+
+class RankMismatchError(LayerFreezeError, RuntimeError):
+    """Ranks of one process group disagree about the frozen set.
+
+    Attributes:
+        frozen_by_rank: rank -> number of frozen parameter tensors it wanted.
+    """
+
+    def __init__(self, message: str, frozen_by_rank: dict[int, int]) -> None:
+        self.frozen_by_rank = frozen_by_rank
+        super().__init__(message)

@@ -1,26 +1,56 @@
-"""The Freezer: freeze changes during training, with the optimizer, the guard
-and a schedule kept in step."""
+"""The Freezer: an assembler of the parties that follow freeze changes.
+
+Each party is a listener on the freeze road (:func:`layerfreeze.subscribe`)
+or on the optimizer's step hooks, owns its policy and its part of the
+checkpoint, is held weakly by what it listens to and can be detached:
+
+* :class:`~layerfreeze.optim.OptimizerSync`: param groups, stale grads,
+  optimizer state, LR schedulers made before the Freezer;
+* :class:`~layerfreeze.guard.GuardListener`: fingerprints of the frozen
+  parameters, checked after optimizer steps;
+* :class:`~layerfreeze.distributed.DistributedSync`: DDP's reducer and the
+  cross-rank agreement, for a DDP or FSDP2 model;
+* :class:`~layerfreeze.rules.AdaptiveStats`: the adaptive rules' gradient norms.
+
+The Freezer builds them, maps :meth:`Freezer.set_epoch` / :meth:`Freezer.set_step`
+to the schedule's plan and the plan to :func:`layerfreeze.apply_change`, and
+assembles :meth:`Freezer.state_dict` from the parts. Dropping the Freezer (or
+:meth:`Freezer.close`) detaches every party.
+"""
 
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from .core import Change, Mode, Transition, _check_mode, _holds_for, _releases_for, apply_change, subscribe
-from .errors import StateDictError
-from .guard import Guard
-from .lrsched import check_scheduler, extend_schedulers, unwrap_optimizer, unwrap_scheduler
+from .core import Change, Mode, Transition, apply_change, subscribe
+from .errors import ArgumentError, ArgumentTypeError, StateDictError
+from .guard import Guard, GuardListener
+from .holds import check_mode, holds_for, kept_in_eval, releases_for
+from .lrsched import check_scheduler, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
-from .rules import AdaptiveFreezeRule, GradNormCollector
+from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int, as_number
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
 
 __all__ = ["Freezer"]
 
 _STATE_VERSION = 1
+
+
+class _Clock:
+    """Optimizer steps taken since the Freezer was made; shared by its parties."""
+
+    __slots__ = ("count", "__weakref__")
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def tick(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.count += 1
 
 
 class Freezer:
@@ -37,7 +67,12 @@ class Freezer:
             did not change (an int ``n``: every ``n`` steps; ``False``: no
             check after steps). Fingerprints are taken whenever parameters
             are frozen, whatever ``guard`` says, so :meth:`check` can always
-            tell whether a frozen parameter moved since.
+            tell whether a frozen parameter moved since. The comparison stays
+            on the parameters' device; on a GPU its verdict is read every 50
+            checks, at every freeze change, :meth:`set_epoch`, :meth:`check`
+            and checkpoint, and as soon as it reaches the host without a wait
+            (see :mod:`layerfreeze.guard`), naming the step after which the
+            change was first seen.
         release_state: drop the optimizer state of frozen parameters (frees
             memory; unfreezing then starts momentum afresh).
         unfreeze_lr: lr of groups added for unfrozen parameters (default: the
@@ -92,93 +127,175 @@ class Freezer:
         self._wrapper = model
         self.module = unwrap(model)
         if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}")
-        if isinstance(guard, bool) or guard is None:
-            self._guard_every = 1 if guard else 0
-        elif isinstance(guard, int) and guard > 0:
-            self._guard_every = guard
-        else:
-            raise ValueError(f"guard must be True, False or a positive step interval, got {guard!r}")
+            raise ArgumentTypeError(
+                f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}; build one with "
+                "lf.Schedule() or lf.Schedule.from_dict(config)"
+            )
+        every = 0 if guard is False or guard is None else 1 if guard is True else as_int(guard)
+        if every is None or every < 0 or (every == 0 and guard not in (False, None)):
+            raise ArgumentError(
+                f"guard must be True, False or a positive step interval, got {guard!r}; "
+                "guard=N checks after every N-th optimizer step"
+            )
+        if unfreeze_lr is not None:
+            lr = as_number(unfreeze_lr)
+            if lr is None or lr < 0:
+                raise ArgumentError(f"unfreeze_lr must be a non-negative number or None, got {unfreeze_lr!r}")
+            unfreeze_lr = lr
+        self._guard_every = every
         self.schedule = schedule
+        index = ModelIndex(self.module)
         if schedule is not None:
-            schedule.validate(self.module)
+            schedule.validate(index)
         self.optimizer = optimizer
         # hooks and param groups live on the torch optimizer inside a wrapper
         # such as accelerate's AcceleratedOptimizer
         inner = unwrap_optimizer(optimizer) if optimizer is not None else None
         schedulers = lr_scheduler if isinstance(lr_scheduler, (list, tuple)) else [lr_scheduler]
-        #: LR schedulers made before the Freezer, repaired when groups are added
-        self.lr_schedulers: list[Any] = [unwrap_scheduler(s) for s in schedulers if s is not None]
-        for s in self.lr_schedulers:
+        found = [unwrap_scheduler(s) for s in schedulers if s is not None]
+        for s in found:
             check_scheduler(s, inner)
+        if inner is None and schedule is not None and any(isinstance(r, AdaptiveFreezeRule) for r in schedule.rules):
+            raise ArgumentError(
+                "an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step; "
+                "pass optimizer= to the Freezer"
+            )
+        self._clock = _Clock()
         self.sync = (
-            OptimizerSync(inner, release_state=release_state, unfreeze_lr=unfreeze_lr, on_missing=on_missing)
+            OptimizerSync(
+                inner, release_state=release_state, unfreeze_lr=unfreeze_lr, on_missing=on_missing,
+                lr_schedulers=found,
+            )
             if inner is not None
             else None
         )
         if self.sync is not None and schedule is not None:
-            self._register_upfront(add_missing=on_missing == "add")
+            self.sync.register(index, schedule.trainable_scales(index), add_missing=on_missing == "add")
         #: transitions made outside set_epoch/set_step (adaptive freezes after
         #: an optimizer step); the next set_epoch/set_step returns them too
         self._pending: list[Transition] = []
-        self._collectors: list[tuple[int, GradNormCollector]] = []
-        if schedule is not None:
-            index = ModelIndex(self.module)
-            for i, rule in enumerate(schedule.rules):
-                if isinstance(rule, AdaptiveFreezeRule):
-                    groups = rule.groups(index, origin=schedule.origin(i))
-                    params = [[index.by_canonical[n] for n in res.params] for _, res in groups]
-                    self._collectors.append((i, GradNormCollector(rule, params)))
         self.epoch: int | None = None
         self.step: int | None = None
-        #: optimizer steps seen since the Freezer was made
-        self.optimizer_steps = 0
+        if inner is not None:
+            # the clock ticks first, so that every party sees this step's number
+            tick = inner.register_step_post_hook(self._clock.tick)
+            weakref.finalize(self._clock, tick.remove)
+            self._tick = tick
         #: fingerprints of the frozen parameters, taken when they were frozen;
         #: verified after optimizer steps only when ``guard`` asks for it
         self.guard = Guard(self.module)
-        self._handles: list[Any] = []
-        if inner is not None:
-            self._handles.append(inner.register_step_post_hook(self._after_step))
-            if self._collectors:
-                # runs after OptimizerSync's pre-hook, so frozen grads are gone
-                self._handles.append(inner.register_step_pre_hook(self._collect_norms))
-        elif self._collectors:
-            raise ValueError("an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step")
-        self._subscription = subscribe(self.module, self)
+        self._guard_party = GuardListener(self.guard, inner, every=every, clock=self._clock)
+        # made after the guard's party: its post-hook runs after the guard's check
+        adaptive = (
+            AdaptiveStats(schedule, index, inner, clock=self._clock, on_grow=weakref.WeakMethod(self._adaptive_grew))
+            if schedule is not None
+            else None
+        )
+        #: the adaptive rules' statistics party (None without adaptive rules)
+        self.adaptive = adaptive if adaptive else None
+        #: the DDP / FSDP2 party, when the model is distributed
+        self.distributed: Any = None
+        self._subscriptions = [
+            subscribe(self.module, party, weak=True)
+            for party in (self.sync, self._guard_party)
+            if party is not None
+        ]
         # DDP must learn each new trainable set and ranks must agree on it;
         # nothing is attached for a model that is not distributed.
-        from .distributed import attach
+        self.attach_distributed(model)
 
-        self._distributed = attach(model, root=self.module)
-
-    # ------------------------------------------------------------------ the road
+    # ------------------------------------------------------------------ parties
 
     @property
     def model(self) -> nn.Module:
         """The object to train with (the wrapper passed in, if any)."""
         return self._wrapper
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps seen since the Freezer was made (or restored)."""
+        return self._clock.count
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        self._clock.count = int(value)
+
+    @property
+    def lr_schedulers(self) -> list[Any]:
+        """LR schedulers made before the Freezer, repaired when groups are added."""
+        return self.sync.lr_schedulers if self.sync is not None else []
+
+    @property
+    def _distributed(self) -> Any:
+        return self.distributed
+
+    def attach_distributed(self, model: nn.Module, *, group: Any = None, ranks_only: bool = False) -> Any:
+        """Keep DDP / FSDP2 in step with freeze changes of this Freezer's model.
+
+        The Freezer calls this itself for the model it is given; a trainer
+        that wraps the model in DDP later (Lightning's strategy, the HF
+        Trainer) calls it with the wrapper. A party attached before is
+        replaced.
+
+        Args:
+            model: the DDP wrapper (also under ``torch.compile``) or an
+                FSDP2-sharded model; anything else attaches nothing.
+            group: the process group to check across (default: DDP's, else the world).
+            ranks_only: attach also when ``model`` is not distributed, to
+                check that ranks agree on every change (for a trainer whose
+                DDP wrapper is out of reach).
+
+        Returns:
+            The :class:`~layerfreeze.distributed.DistributedSync`, or None.
+        """
+        from .distributed import DistributedSync, find_ddp, is_fsdp2
+
+        ddp = find_ddp(model)
+        if ddp is None and not is_fsdp2(model) and not ranks_only:
+            return None
+        if self.distributed is not None:
+            self._detach(self.distributed)
+        sync = DistributedSync(ddp if ddp is not None else model, root=self.module, group=group)
+        self.distributed = sync
+        self._subscriptions.append(subscribe(self.module, sync, weak=True))
+        return sync
+
+    def _detach(self, party: Any) -> None:
+        for sub in list(self._subscriptions):
+            if sub._ref() is party:
+                sub.remove()
+                self._subscriptions.remove(sub)
+
     def validate(self, change: Change) -> None:
-        if self.sync is not None:
-            self.sync.validate(change)
+        """Run every party's validation of ``change`` (the road does this itself)."""
+        for party in (self.sync, self._guard_party, self.distributed):
+            if party is not None:
+                party.validate(change)
 
     def apply(self, change: Change) -> None:
-        if self.sync is not None:
-            before = len(self.sync.optimizer.param_groups)
-            self.sync.apply(change)
-            extend_schedulers(self.lr_schedulers, before)
-        self.guard.track()
+        """Have every party follow ``change`` (the road does this itself)."""
+        for party in (self.sync, self._guard_party, self.distributed):
+            if party is not None:
+                party.apply(change)
 
     def close(self) -> None:
-        """Detach from the model and optimizer (hooks removed)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self.sync is not None:
-            self.sync.remove()
-        self._subscription.remove()
-        if self._distributed is not None:
-            self._distributed.remove()
+        """Detach every party from the model and the optimizer (hooks removed).
+
+        Dropping the Freezer does the same once it is garbage collected.
+        """
+        try:
+            if self._subscriptions:
+                self.guard.verdict()  # a change recorded on a GPU and not read yet
+        finally:
+            for sub in self._subscriptions:
+                sub.remove()
+            self._subscriptions.clear()
+            for party in (self.sync, self._guard_party, self.adaptive):
+                if party is not None:
+                    party.close()
+            tick = getattr(self, "_tick", None)
+            if tick is not None:
+                tick.remove()
 
     # ------------------------------------------------------------------ direct calls
 
@@ -188,10 +305,10 @@ class Freezer:
         Returns:
             Canonical names of the selected parameters.
         """
-        _check_mode(mode)
+        check_mode(mode)
         index = ModelIndex(self.module)
         res = resolve(index, selectors, exclude)
-        apply_change(self.module, freeze=res.params, hold=_holds_for(index, res.modules, mode), index=index)
+        apply_change(self.module, freeze=res.params, hold=holds_for(index, res.modules, mode), index=index)
         return res.params
 
     def unfreeze(
@@ -204,14 +321,17 @@ class Freezer:
         Returns:
             Canonical names of the selected parameters.
         """
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        if lr is not None:
+            value = as_number(lr)
+            if value is None or value < 0:
+                raise ArgumentError(f"lr must be a non-negative number, got {lr!r}")
+            lr = value
         index = ModelIndex(self.module)
         res = resolve(index, selectors, exclude)
         apply_change(
             self.module,
             unfreeze=res.params,
-            release=_releases_for(index, res),
+            release=releases_for(index, res),
             index=index,
             options={"lr": lr},
         )
@@ -220,9 +340,11 @@ class Freezer:
     # ------------------------------------------------------------------ schedule
 
     def set_epoch(self, epoch: int) -> list[Transition]:
-        """Apply the schedule at ``epoch``; returns the transitions made (and
-        any adaptive freezes made after optimizer steps since the last call)."""
+        """Apply the schedule at ``epoch`` (an int, numpy integers too); returns
+        the transitions made (and any adaptive freezes made after optimizer
+        steps since the last call). Reads the guard's verdict."""
         self.epoch = _check_time("epoch", epoch)
+        self.guard.verdict()
         return self._take_pending() + self._apply_schedule()
 
     def set_step(self, step: int) -> list[Transition]:
@@ -235,46 +357,8 @@ class Freezer:
         pending, self._pending = self._pending, []
         return pending
 
-    def _register_upfront(self, *, add_missing: bool) -> None:
-        assert self.sync is not None and self.schedule is not None
-        index = ModelIndex(self.module)
-        scales = self.schedule.trainable_scales(index)
-        base = self.sync.base_lr()
-        before = len(self.sync.optimizer.param_groups)
-        self._regroup_scaled(index, scales, base)
-        names = self.sync.missing(list(scales), [index.by_canonical[n] for n in scales]) if add_missing else []
-        by_lr: dict[float, list[str]] = {}
-        for n in names:
-            scale = scales[n]
-            by_lr.setdefault(base if scale is None else base * scale, []).append(n)
-        for lr, group in by_lr.items():
-            self.sync.add_group(group, [index.by_canonical[n] for n in group], lr)
-        extend_schedulers(self.lr_schedulers, before)
-
-    def _regroup_scaled(self, index: ModelIndex, scales: dict[str, float | None], base: float) -> None:
-        """Give parameters that a rule trains at a scaled lr (``lr_decay``) and
-        that the optimizer already holds at another lr a group of their own.
-
-        Without this, an optimizer built from ``model.parameters()`` would
-        train every group at group 0's lr and ``lr_decay`` would do nothing.
-        A parameter whose group already has the lr it needs stays, so making
-        a second Freezer on the same optimizer moves nothing.
-        """
-        assert self.sync is not None
-        groups = self.sync.optimizer.param_groups
-        where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        moves: dict[tuple[int, float], list[str]] = {}
-        for name, scale in scales.items():
-            source = where.get(id(index.by_canonical[name]))
-            if scale is None or source is None:
-                continue
-            lr = base * scale
-            group = groups[source]
-            if math.isclose(float(group.get("initial_lr", group["lr"])), lr, rel_tol=1e-12, abs_tol=0.0):
-                continue
-            moves.setdefault((source, lr), []).append(name)
-        for (source, lr), names in moves.items():
-            self.sync.move_to_group(names, [index.by_canonical[n] for n in names], source, lr)
+    def _adaptive_grew(self) -> None:
+        self._pending.extend(self._apply_schedule())
 
     def _apply_schedule(self) -> list[Transition]:
         if self.schedule is None:
@@ -299,21 +383,6 @@ class Freezer:
 
     # ------------------------------------------------------------------ guard
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.optimizer_steps += 1
-        if self._guard_every and self.optimizer_steps % self._guard_every == 0:
-            self.guard.observe(step=self.optimizer_steps)
-        grew = False
-        for _, collector in self._collectors:
-            if self.optimizer_steps % collector.rule.check_every == 0:
-                grew = collector.finish() or grew
-        if grew:
-            self._pending.extend(self._apply_schedule())
-
-    def _collect_norms(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for _, collector in self._collectors:
-            collector.collect()
-
     def check(self) -> None:
         """Verify now that no frozen parameter changed since it was frozen (or
         since the last check), also when the Freezer was made with
@@ -322,7 +391,7 @@ class Freezer:
         Raises:
             FrozenParameterChanged: naming the parameters that moved.
         """
-        self.guard.check()
+        self.guard.check(step=self.optimizer_steps if self.optimizer is not None else None)
 
     def refresh(self) -> None:
         """Accept the current values of frozen parameters (after a deliberate edit)."""
@@ -332,9 +401,9 @@ class Freezer:
 
     def state_dict(self) -> dict[str, Any]:
         """Freeze state by parameter name: the frozen set, eval holds, the
-        position in the schedule and the param groups this Freezer added."""
-        from .core import kept_in_eval
-
+        position in the schedule and each party's part (the param groups the
+        optimizer party added, the adaptive rules' statistics)."""
+        self.guard.verdict()
         index = ModelIndex(self.module)
         return {
             "version": _STATE_VERSION,
@@ -343,9 +412,9 @@ class Freezer:
             "epoch": self.epoch,
             "step": self.step,
             "optimizer_steps": self.optimizer_steps,
-            "added_groups": [{"params": names, "lr": lr} for names, lr in (self.sync.added if self.sync else [])],
+            "added_groups": self.sync.state_dict()["added_groups"] if self.sync is not None else [],
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-            "grad_norms": {i: c.state_dict() for i, c in self._collectors},
+            "grad_norms": self.adaptive.state_dict() if self.adaptive is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,15 +425,21 @@ class Freezer:
 
         Raises:
             StateDictError: the state names parameters or modules this model
-                does not have, or is not a layerfreeze Freezer state. Nothing is
-                changed then.
+                does not have, was saved from another schedule, or is not a
+                layerfreeze Freezer state. Nothing is changed then.
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise StateDictError("not a layerfreeze Freezer state dict (missing or unknown 'version')")
+            raise StateDictError(
+                "not a layerfreeze Freezer state dict (missing or unknown 'version'); pass what "
+                "Freezer.state_dict() returned"
+            )
         index = ModelIndex(self.module)
         names = set(state.get("frozen", []))
-        for g in state.get("added_groups", []):
-            names.update(g["params"])
+        if self.sync is not None:
+            names.update(self.sync.check_state_dict(state, index))
+        else:
+            for g in state.get("added_groups", []):
+                names.update(g["params"])
         unknown = sorted(n for n in names if n not in index.by_canonical)
         unknown += sorted(m for m in state.get("holds", {}) if m not in index.modules)
         if unknown:
@@ -373,22 +448,19 @@ class Freezer:
                 f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); was it saved from "
                 "a different model? Nothing was changed"
             )
+        for key in ("epoch", "step"):
+            if state.get(key) is not None and as_int(state[key]) is None:
+                raise StateDictError(f"{key!r} must be an int or None, got {state[key]!r}. Nothing was changed")
         if self.schedule is not None and state.get("schedule") is not None:
             try:
                 self.schedule.check_state_dict(state["schedule"])
-            except ValueError as exc:
+            except StateDictError as exc:
                 raise StateDictError(f"{exc}. Nothing was changed") from None
         frozen = set(state.get("frozen", []))
         holds = state.get("holds", {})
         release = [m for m in index.modules if m not in holds]
         if self.sync is not None:
-            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}  # type: ignore[union-attr]
-            for g in state.get("added_groups", []):
-                params = [index.by_canonical[n] for n in g["params"]]
-                if not any(id(p) in held for p in params):
-                    before = len(self.sync.optimizer.param_groups)
-                    self.sync.add_group(list(g["params"]), params, float(g["lr"]))
-                    extend_schedulers(self.lr_schedulers, before)
+            self.sync.load_state_dict(state, index)
         apply_change(
             self.module,
             freeze=[n for n in index.by_canonical if n in frozen],
@@ -402,14 +474,15 @@ class Freezer:
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
         if self.schedule is not None and state.get("schedule") is not None:
             self.schedule.load_state_dict(state["schedule"])
-        norms = state.get("grad_norms") or {}
-        for i, collector in self._collectors:
-            if i in norms:
-                collector.load_state_dict(norms[i])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state.get("grad_norms") or {})
         self.guard.refresh()
 
 
 def _check_time(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    return value
+    out = as_int(value)
+    if out is None:
+        raise ArgumentTypeError(
+            f"{name} must be an int (numpy integers too), got {value!r} ({type(value).__name__})"
+        )
+    return out

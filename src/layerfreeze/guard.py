@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ from torch import nn
 from .errors import FrozenParameterChanged
 from .selectors import unwrap
 
-__all__ = ["Guard", "fingerprint"]
+__all__ = ["Guard", "GuardListener", "fingerprint"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Bound on the temporary buffer a batched check concatenates into, in bytes.
@@ -246,13 +247,9 @@ class Guard:
         Newly frozen parameters are fingerprinted, unfrozen ones forgotten,
         and parameters that stayed frozen keep their old fingerprints, so a
         change made to them before this call is still reported by the next
-        :meth:`check`. A change already recorded by :meth:`observe` is
-        reported here.
-
-        Raises:
-            FrozenParameterChanged: a recorded change.
+        :meth:`check`. Read :meth:`verdict` first: a record of
+        :meth:`observe` not read yet is dropped here.
         """
-        self.verdict()
         old = self._entries
         self._set({id(p): old[id(p)] if id(p) in old else _entry(n, p) for n, p in self._frozen()})
 
@@ -417,3 +414,55 @@ class Guard:
             d.first = torch.where((d.first < 0) & bad, torch.full((), at, dtype=torch.int64, device=d.then.device),
                                   d.first)
         self.verdict()
+
+
+class GuardListener:
+    """The guard as a party on the freeze road and on an optimizer.
+
+    It follows every freeze change of the model (new frozen parameters are
+    fingerprinted, unfrozen ones forgotten), reads any recorded change before
+    a freeze change is made (so a change is reported before the reference
+    moves on, and the freeze change is refused with it), and after every
+    ``every``-th ``optimizer.step()`` compares on the device.
+
+    Args:
+        guard: the :class:`Guard`.
+        optimizer: the torch optimizer whose steps are checked (None: only
+            on demand).
+        every: check after every this many steps (0: never after steps).
+        clock: an object whose ``count`` is the number of optimizer steps
+            taken (the step named in a report).
+    """
+
+    def __init__(self, guard: Guard, optimizer: Any = None, *, every: int = 1, clock: Any = None) -> None:
+        self.guard = guard
+        self.every = every
+        self.clock = clock
+        self._handle = None
+        if optimizer is not None and every:
+            ref = weakref.ref(self)
+
+            def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+                party = ref()
+                if party is not None:
+                    party.after_step()
+
+            self._handle = optimizer.register_step_post_hook(after_step)
+            weakref.finalize(self, self._handle.remove)
+
+    def after_step(self) -> None:
+        step = self.clock.count if self.clock is not None else None
+        if step is None or step % self.every == 0:
+            self.guard.observe(step=step)
+
+    def validate(self, change: Any) -> None:
+        self.guard.verdict()
+
+    def apply(self, change: Any) -> None:
+        self.guard.track()
+
+    def close(self) -> None:
+        """Stop checking after optimizer steps."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

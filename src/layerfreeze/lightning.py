@@ -9,8 +9,9 @@
   groups at every point of the schedule.
 * ``on_train_start``: a :class:`layerfreeze.Freezer` is made on the
   LightningModule, the first optimizer Lightning built and its torch LR
-  schedulers; under ``strategy="ddp"`` a :class:`~layerfreeze.distributed.DistributedSync`
-  is attached to Lightning's DDP wrapper, so the reducer follows each change
+  schedulers; under ``strategy="ddp"`` the Freezer attaches its
+  :class:`~layerfreeze.distributed.DistributedSync` to Lightning's DDP wrapper
+  (:meth:`~layerfreeze.Freezer.attach_distributed`), so the reducer follows each change
   and ranks are checked to agree. A state restored from a checkpoint is loaded
   then, and the schedule applied.
 * ``on_train_epoch_start`` / ``on_train_batch_start``: the schedule is applied
@@ -29,7 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from .distributed import attach
+from .errors import ArgumentTypeError
 from .freezer import Freezer
 from .lrsched import same_optimizer, unwrap_scheduler
 from .schedule import Schedule
@@ -51,7 +52,7 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
         transitions: every transition made in this process, in order.
 
     Raises:
-        TypeError: ``schedule`` is not a Schedule.
+        ArgumentTypeError: ``schedule`` is not a Schedule (also a ``TypeError``).
 
     Example:
         >>> import layerfreeze as lf
@@ -62,13 +63,12 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
 
     def __init__(self, schedule: Schedule, **freezer_kwargs: Any) -> None:
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}")
+            raise ArgumentTypeError(f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}")
         self.schedule = schedule
         self.freezer_kwargs = freezer_kwargs
         self.freezer: Freezer | None = None
         self.transitions: list[Any] = []
         self._restored: dict[str, Any] | None = None
-        self._distributed: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -84,7 +84,7 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
             if same_optimizer(getattr(unwrap_scheduler(cfg.scheduler), "optimizer", None), optimizer)
         ]
         self.freezer = Freezer(pl_module, optimizer, self.schedule, lr_scheduler=schedulers or None, **self.freezer_kwargs)
-        self._distributed = attach(trainer.strategy.model, root=pl_module)
+        self.freezer.attach_distributed(trainer.strategy.model)
         if self._restored is not None:
             self.freezer.load_state_dict(self._restored)
             self._restored = None
@@ -111,9 +111,6 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
         if self.freezer is not None:
             self.freezer.close()
             self.freezer = None
-        if self._distributed is not None:
-            self._distributed.remove()
-            self._distributed = None
 
     def state_dict(self) -> dict[str, Any]:
         """The Freezer's state (frozen set, schedule position, added groups)."""

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as sched
 
+from .errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "check_scheduler",
     "extend_scheduler",
@@ -208,18 +210,21 @@ def unwrap_scheduler(scheduler: Any) -> Any:
 
 
 def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer | None) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``scheduler`` is a torch LR
-    scheduler of ``optimizer``.
+    """Raise :class:`~layerfreeze.ArgumentTypeError` / :class:`~layerfreeze.ArgumentError`
+    unless ``scheduler`` is a torch LR scheduler of ``optimizer``.
 
     Either side may be an optimizer wrapper that exposes the wrapped
     optimizer's own ``param_groups`` (see :func:`unwrap_optimizer`): a
     scheduler built on accelerate's wrapper schedules the optimizer inside it.
     """
     if not isinstance(scheduler, _SCHEDULERS):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"lr_scheduler must be a torch LR scheduler (torch.optim.lr_scheduler), got {type(scheduler).__name__}"
         )
     if optimizer is None:
-        raise ValueError("lr_scheduler= needs the optimizer it schedules: pass optimizer= too")
+        raise ArgumentError("lr_scheduler= needs the optimizer it schedules: pass optimizer= too")
     if not same_optimizer(scheduler.optimizer, optimizer):
-        raise ValueError("lr_scheduler= schedules a different optimizer than the one given to the Freezer")
+        raise ArgumentError(
+            "lr_scheduler= schedules a different optimizer than the one given to the Freezer; pass the "
+            "scheduler built on that optimizer (or the Freezer the scheduler's optimizer)"
+        )

@@ -9,6 +9,8 @@ the freeze road and handles all three.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,7 +18,9 @@ import torch
 from torch import nn
 
 from .core import Change
-from .errors import OptimizerSyncError
+from .errors import ArgumentError, ArgumentTypeError, OptimizerSyncError, StateDictError
+from .lrsched import extend_schedulers
+from .selectors import ModelIndex
 
 __all__ = ["OptimizerSync", "optimizer_param_ids"]
 
@@ -26,7 +30,8 @@ def optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
 
 
 class OptimizerSync:
-    """Follows freeze changes on behalf of one optimizer.
+    """Follows freeze changes on behalf of one optimizer, its LR schedulers and
+    its param-group policy; a listener on the freeze road.
 
     Args:
         optimizer: the optimizer to keep in sync.
@@ -35,6 +40,10 @@ class OptimizerSync:
             parameters (default: the lr of group 0).
         on_missing: ``"add"`` a newly trainable parameter that no group holds
             as a new group, or ``"raise"``.
+        lr_schedulers: torch LR schedulers of ``optimizer`` whose per-group
+            bookkeeping is extended whenever a group is added.
+
+    Its part of a checkpoint is the groups it added (:meth:`state_dict`).
     """
 
     def __init__(
@@ -44,21 +53,32 @@ class OptimizerSync:
         release_state: bool = False,
         unfreeze_lr: float | None = None,
         on_missing: str = "add",
+        lr_schedulers: Sequence[Any] = (),
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ArgumentTypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; pass the "
+                "optimizer itself (or a wrapper exposing it as .optimizer)"
+            )
         if on_missing not in ("add", "raise"):
-            raise ValueError(f"on_missing={on_missing!r} must be 'add' or 'raise'")
+            raise ArgumentError(f"on_missing={on_missing!r} must be 'add' or 'raise'")
+        if unfreeze_lr is not None and (isinstance(unfreeze_lr, bool) or not isinstance(unfreeze_lr, numbers.Real)
+                                        or unfreeze_lr < 0):
+            raise ArgumentError(f"unfreeze_lr must be a non-negative number or None, got {unfreeze_lr!r}")
         self.optimizer = optimizer
         self.release_state = release_state
         self.unfreeze_lr = unfreeze_lr
         self.on_missing = on_missing
+        self.lr_schedulers: list[Any] = list(lr_schedulers)
         #: groups this object added: (canonical names, lr) in order, for checkpoints
         self.added: list[tuple[list[str], float]] = []
         self._pre_hook = optimizer.register_step_pre_hook(self._drop_stale_grads)
 
     def remove(self) -> None:
+        """Detach from the optimizer (the stale-grad pre-hook goes)."""
         self._pre_hook.remove()
+
+    close = remove
 
     @staticmethod
     def _drop_stale_grads(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -93,8 +113,10 @@ class OptimizerSync:
                     "Freezer with on_missing='add' to add them as a new group"
                 )
         lr = change.options.get("lr")
-        if lr is not None and not isinstance(lr, dict):
-            float(lr)
+        if lr is not None and not isinstance(lr, dict) and (
+            isinstance(lr, bool) or not isinstance(lr, numbers.Real) or lr < 0
+        ):
+            raise ArgumentError(f"lr must be a non-negative number, got {lr!r}")
 
     def apply(self, change: Change) -> None:
         if self.release_state:
@@ -128,12 +150,87 @@ class OptimizerSync:
         src["params"] = [p for p in src["params"] if id(p) not in moving]
         group: dict[str, Any] = {k: v for k, v in src.items() if k not in ("params", "lr", "initial_lr")}
         group.update(params=list(params), lr=lr, initial_lr=lr)
+        before = len(groups)
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
+        extend_schedulers(self.lr_schedulers, before)
 
     def add_group(self, names: list[str], params: list[nn.Parameter], lr: float) -> None:
         # LR schedulers read initial_lr when they are built (or resumed) on an
         # optimizer; a group without it makes them refuse the optimizer.
+        before = len(self.optimizer.param_groups)
         group: dict[str, Any] = {"params": params, "lr": lr, "initial_lr": lr}
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
+        extend_schedulers(self.lr_schedulers, before)
+
+    # ------------------------------------------------------------------ the schedule's groups
+
+    def register(self, index: ModelIndex, scales: dict[str, float | None], *, add_missing: bool) -> None:
+        """Give every parameter a schedule may train its param group up front.
+
+        Args:
+            index: the model.
+            scales: what :meth:`Schedule.trainable_scales` gives: name -> lr
+                scale (None: the base lr).
+            add_missing: add parameters no group holds, as groups per lr.
+        """
+        base = self.base_lr()
+        self._regroup_scaled(index, scales, base)
+        names = self.missing(list(scales), [index.by_canonical[n] for n in scales]) if add_missing else []
+        by_lr: dict[float, list[str]] = {}
+        for n in names:
+            scale = scales[n]
+            by_lr.setdefault(base if scale is None else base * scale, []).append(n)
+        for lr, group in by_lr.items():
+            self.add_group(group, [index.by_canonical[n] for n in group], lr)
+
+    def _regroup_scaled(self, index: ModelIndex, scales: dict[str, float | None], base: float) -> None:
+        """Give parameters that a rule trains at a scaled lr (``lr_decay``) and
+        that the optimizer already holds at another lr a group of their own.
+
+        Without this, an optimizer built from ``model.parameters()`` would
+        train every group at group 0's lr and ``lr_decay`` would do nothing.
+        A parameter whose group already has the lr it needs stays, so making
+        a second Freezer on the same optimizer moves nothing.
+        """
+        groups = self.optimizer.param_groups
+        where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        moves: dict[tuple[int, float], list[str]] = {}
+        for name, scale in scales.items():
+            source = where.get(id(index.by_canonical[name]))
+            if scale is None or source is None:
+                continue
+            lr = base * scale
+            group = groups[source]
+            if math.isclose(float(group.get("initial_lr", group["lr"])), lr, rel_tol=1e-12, abs_tol=0.0):
+                continue
+            moves.setdefault((source, lr), []).append(name)
+        for (source, lr), names in moves.items():
+            self.move_to_group(names, [index.by_canonical[n] for n in names], source, lr)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """This party's part of a checkpoint: the groups it added."""
+        return {"added_groups": [{"params": names, "lr": lr} for names, lr in self.added]}
+
+    def check_state_dict(self, state: dict[str, Any], index: ModelIndex) -> list[str]:
+        """Names in ``state`` that ``index``'s model lacks.
+
+        Raises:
+            StateDictError: ``state`` is malformed.
+        """
+        groups = state.get("added_groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g and "lr" in g
+                                                   for g in groups):
+            raise StateDictError(f"'added_groups' must be a list of {{'params', 'lr'}} dicts, got {groups!r:.80}")
+        return [n for g in groups for n in g["params"] if n not in index.by_canonical]
+
+    def load_state_dict(self, state: dict[str, Any], index: ModelIndex) -> None:
+        """Re-add the groups a checkpoint's optimizer had (before ``optimizer.load_state_dict``)."""
+        held = optimizer_param_ids(self.optimizer)
+        for g in state.get("added_groups", []):
+            params = [index.by_canonical[n] for n in g["params"]]
+            if not any(id(p) in held for p in params):
+                self.add_group(list(g["params"]), params, float(g["lr"]))

@@ -7,7 +7,9 @@ from typing import NamedTuple
 
 from torch import nn
 
-from .core import _keeper
+from .errors import ArgumentError
+from .holds import keeper as _keeper
+from .rules import as_int
 from .selectors import ModelIndex
 
 __all__ = ["ParamCount", "count_parameters", "summary"]
@@ -60,8 +62,10 @@ def summary(model: nn.Module, depth: int = 2) -> str:
     Shared parameters are counted once, at the first module that holds them.
     Needs ``rich`` (``pip install 'layerfreeze[report]'``).
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+    level = as_int(depth)
+    if level is None or level < 0:
+        raise ArgumentError(f"depth must be a non-negative int, got {depth!r}; depth=0 shows the model alone")
+    depth = level
     try:
         from rich.console import Console
         from rich.table import Table

@@ -20,18 +20,21 @@ groups (``"encoder.layer"``) or as a list of selectors, bottom first.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
-from .core import _check_mode
-from .errors import ScheduleError, SelectorError
+from .errors import ScheduleError, ScheduleTypeError, SelectorError, StateDictError
+from .holds import check_mode as _check_mode
 from .selectors import ModelIndex, Resolution, resolve
 
 __all__ = [
     "AdaptiveFreezeRule",
+    "AdaptiveStats",
     "Decision",
     "FreezeRule",
     "GradualUnfreezeRule",
@@ -101,35 +104,52 @@ class Rule:
         return None
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if :meth:`load_state_dict` would refuse ``state``."""
+        """Raise :class:`~layerfreeze.StateDictError` if :meth:`load_state_dict` would refuse ``state``."""
 
 
-class ScheduleTypeError(ScheduleError, TypeError):
-    """A rule argument of the wrong type (also a ``TypeError``)."""
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy integers included,
+    through ``operator.index``), else None; a bool is not an integer here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def as_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars included), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def _check_bound(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    out = as_int(value)
+    if out is None:
         raise ScheduleTypeError(f"{name} must be an int or None, got {value!r} ({type(value).__name__})")
-    return value
+    return out
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    out = as_int(value)
+    if out is None:
         raise ScheduleTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
+    if out < minimum:
         raise ScheduleError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    return out
 
 
 def _check_float(name: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    out = as_number(value)
+    if out is None:
         raise ScheduleTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not lo <= value <= hi:
+    if not lo <= out <= hi:
         raise ScheduleError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return float(value)
+    return out
 
 
 def _selector_list(value: object) -> list[object]:
@@ -250,6 +270,14 @@ class FreezeRule(Rule):
         self.until_epoch = _check_bound("until_epoch", until_epoch)
         self.from_step = _check_bound("from_step", from_step)
         self.until_step = _check_bound("until_step", until_step)
+        for unit in ("epoch", "step"):
+            lo, hi = getattr(self, f"from_{unit}"), getattr(self, f"until_{unit}")
+            if lo is not None and hi is not None and lo >= hi:
+                raise ScheduleError(
+                    f"freeze {selector!r}: from_{unit}={lo} is not below until_{unit}={hi}, so the window "
+                    f"[{lo}, {hi}) is empty and the rule would never freeze; give from_{unit} < until_{unit} "
+                    "(until is exclusive), or drop one bound"
+                )
         self.mode = _check_mode(mode)
 
     def _selectors(self) -> list[object]:
@@ -341,13 +369,14 @@ class GradualUnfreezeRule(_GroupedRule):
         self.start_epoch = _check_int("start_epoch", start_epoch, 0)
         self.every = _check_int("every", every, 1)
         if lr_decay is not None:
-            if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)):
+            decay = as_number(lr_decay)
+            if decay is None:
                 raise ScheduleTypeError(
                     f"lr_decay must be a number or None, got {lr_decay!r} ({type(lr_decay).__name__})"
                 )
-            if not 0 < lr_decay <= 1:
+            if not 0 < decay <= 1:
                 raise ScheduleError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
-            lr_decay = float(lr_decay)
+            lr_decay = decay
         self.lr_decay = lr_decay
 
     def unfrozen_count(self, epoch: int, n: int) -> int:
@@ -565,9 +594,12 @@ class AdaptiveFreezeRule(_GroupedRule):
         return {"frozen_groups": self.frozen_groups, "previous": self.previous, "checks": self.checks}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
-        frozen = state.get("frozen_groups", 0)
-        if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
-            raise ValueError(f"adaptive_freeze state: frozen_groups must be an int >= 0, got {frozen!r}")
+        frozen = as_int(state.get("frozen_groups", 0))
+        if frozen is None or frozen < 0:
+            raise StateDictError(
+                f"adaptive_freeze state: frozen_groups must be an int >= 0, got {state.get('frozen_groups')!r}; "
+                "the checkpoint is damaged or from another schedule"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state_dict(state)
@@ -669,3 +701,96 @@ class GradNormCollector:
         device = next((p.device for g in self.params for p in g), torch.device("cpu"))
         self.sums = [None if s is None else torch.tensor(s, dtype=torch.float32, device=device) for s in sums]
         self.counts = [int(c) for c in state.get("counts", [0] * len(sums))]
+
+
+class AdaptiveStats:
+    """The gradient statistics of a schedule's adaptive rules, as a party on an optimizer.
+
+    Collects each adaptive rule's per-group gradient norms in the optimizer's
+    step pre-hook and, after the step that completes a rule's check, hands
+    them to the rule; when a rule's frozen prefix grows it calls ``on_grow``
+    (the Freezer applies the schedule then). Its part of a checkpoint is the
+    collectors' partial sums.
+
+    Args:
+        schedule: the schedule (its adaptive rules are used).
+        index: the model.
+        optimizer: the torch optimizer.
+        clock: an object whose ``count`` is the number of optimizer steps.
+        on_grow: called with no argument when a frozen prefix grew; held as
+            given (pass a ``weakref.WeakMethod`` to avoid keeping its owner alive).
+
+    Raises:
+        ArgumentError: there are adaptive rules but no optimizer.
+    """
+
+    def __init__(self, schedule: Any, index: ModelIndex, optimizer: Any, *, clock: Any, on_grow: Any) -> None:
+        import weakref
+
+        from .errors import ArgumentError
+
+        self.clock = clock
+        self.on_grow = on_grow
+        #: (rule index, collector) for each adaptive rule
+        self.collectors: list[tuple[int, GradNormCollector]] = []
+        for i, rule in enumerate(schedule.rules):
+            if isinstance(rule, AdaptiveFreezeRule):
+                groups = rule.groups(index, origin=schedule.origin(i))
+                params = [[index.by_canonical[n] for n in res.params] for _, res in groups]
+                self.collectors.append((i, GradNormCollector(rule, params)))
+        self._handles: list[Any] = []
+        if not self.collectors:
+            return
+        if optimizer is None:
+            raise ArgumentError(
+                "an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step; "
+                "pass optimizer= to the Freezer"
+            )
+        ref = weakref.ref(self)
+
+        def before(optimizer: Any, args: Any, kwargs: Any) -> None:
+            party = ref()
+            if party is not None:
+                party.collect()
+
+        def after(optimizer: Any, args: Any, kwargs: Any) -> None:
+            party = ref()
+            if party is not None:
+                party.finish()
+
+        self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        for h in self._handles:
+            weakref.finalize(self, h.remove)
+
+    def __bool__(self) -> bool:
+        return bool(self.collectors)
+
+    def collect(self) -> None:
+        for _, collector in self.collectors:
+            collector.collect()
+
+    def finish(self) -> None:
+        grew = False
+        for _, collector in self.collectors:
+            if self.clock.count % collector.rule.check_every == 0:
+                grew = collector.finish() or grew
+        if grew:
+            import weakref
+
+            callback = self.on_grow() if isinstance(self.on_grow, weakref.WeakMethod) else self.on_grow
+            if callback is not None:
+                callback()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return {i: c.state_dict() for i, c in self.collectors}
+
+    def load_state_dict(self, state: dict[Any, Any]) -> None:
+        for i, collector in self.collectors:
+            part = state.get(i, state.get(str(i)))
+            if part is not None:
+                collector.load_state_dict(part)

@@ -8,6 +8,7 @@ Parameters no rule governs keep whatever state they have.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .core import _is_stat_norm, _keeper, apply_change
+from .core import apply_change
+from .errors import ArgumentTypeError, StateDictError
+from .holds import plan_holds
 from .rules import (
     AdaptiveFreezeRule,
     Decision,
@@ -45,6 +48,13 @@ class Plan:
         return [n for n, f in self.state.items() if f]
 
 
+def _signature(rule: Rule) -> str:
+    def name(obj: object) -> str:
+        return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+    return json.dumps(rule.to_dict(), sort_keys=True, default=name)
+
+
 class Schedule:
     """An ordered, chainable list of freeze rules.
 
@@ -65,7 +75,10 @@ class Schedule:
     def add(self, rule: Rule) -> Schedule:
         """Append a rule; returns the schedule for chaining."""
         if not isinstance(rule, Rule):
-            raise TypeError(f"expected a layerfreeze Rule, got {type(rule).__name__}")
+            raise ArgumentTypeError(
+                f"expected a layerfreeze Rule, got {type(rule).__name__}; build one with "
+                "Schedule().freeze(...) and friends or a class from layerfreeze.rules"
+            )
         self.rules.append(rule)
         return self
 
@@ -337,22 +350,7 @@ class Schedule:
                     elif not d.frozen:
                         holds.pop(m, None)
                         released[m] = None
-        modes = {}
-        for name, mode in holds.items():
-            module = index.modules[name]
-            own = [p for p in module._parameters.values() if p is not None]
-            if any(not state.get(index.canonical[id(p)], not p.requires_grad) for p in own):
-                released[name] = None
-                continue
-            if mode == "eval" or (mode == "norm" and _is_stat_norm(module)):
-                modes[name] = mode
-                keeper = _keeper(module)
-                if keeper is not None and keeper.mode != mode:
-                    released[name] = None  # re-held below with the mode the winning rule gives
-            else:
-                # a "norm" freeze leaves dropout, containers and other layers to
-                # model.train()/eval(): drop an "eval" hold an earlier rule left
-                released[name] = None
+        modes = plan_holds(index, state, holds, released)
         return Plan(state, modes, list(released), scale)
 
     def frozen_at(self, model: nn.Module, epoch: int | None = None, step: int | None = None) -> list[str]:
@@ -362,24 +360,49 @@ class Schedule:
         plan = self.plan(index, epoch, step)
         return [n for n, p in index.by_canonical.items() if plan.state.get(n, not p.requires_grad)]
 
+    def signature(self) -> list[str]:
+        """One line per rule that identifies it (its config, as JSON): stored
+        with the state so that a checkpoint is only loaded into the schedule
+        it was saved from."""
+        return [_signature(rule) for rule in self.rules]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rules": [rule.state_dict() for rule in self.rules]}
+        """The rules' recorded state, and the schedule's :meth:`signature`."""
+        return {"rules": [rule.state_dict() for rule in self.rules], "signature": self.signature()}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if :meth:`load_state_dict` would refuse ``state``."""
+        """Raise :class:`~layerfreeze.StateDictError` if :meth:`load_state_dict` would refuse ``state``.
+
+        A state saved from another schedule is refused, naming the first rule
+        that differs; a state saved before signatures existed is checked by
+        its rule count only.
+        """
         rules = state.get("rules", []) if isinstance(state, dict) else None
         if not isinstance(rules, list):
-            raise ValueError("a schedule state must be a dict with a 'rules' list")
+            raise StateDictError(f"a schedule state must be a dict with a 'rules' list, got {state!r:.80}")
         if len(rules) != len(self.rules):
-            raise ValueError(
+            raise StateDictError(
                 f"schedule state has {len(rules)} rules, this schedule has {len(self.rules)}; "
                 "build the Freezer with the schedule the checkpoint was saved with"
+            )
+        signature = state.get("signature")
+        if signature is not None and list(signature) != self.signature():
+            mine = self.signature()
+            for i in range(max(len(mine), len(signature))):
+                saved = signature[i] if i < len(signature) else "(no rule)"
+                here = mine[i] if i < len(mine) else "(no rule)"
+                if saved != here:
+                    break
+            raise StateDictError(
+                f"the checkpoint was saved from another schedule: rule {i} there is {saved}, "
+                f"here it is {here}. Build the Freezer with the schedule the checkpoint was saved "
+                "with (Schedule.from_dict of its config), or load only the model and optimizer"
             )
         for i, (rule, rs) in enumerate(zip(self.rules, rules, strict=True)):
             try:
                 rule.check_state_dict(rs)
-            except ValueError as exc:
-                raise ValueError(f"{self.origin(i)}: {exc}") from None
+            except StateDictError as exc:
+                raise StateDictError(f"{self.origin(i)}: {exc}") from None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the rules' recorded state (the adaptive rule's statistics)."""

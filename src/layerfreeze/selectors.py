@@ -19,7 +19,7 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
-from .errors import SelectorError, SelectorTypeError
+from .errors import ArgumentTypeError, SelectorError, SelectorTypeError
 
 __all__ = ["Selector", "SelectorLike", "ModelIndex", "Resolution", "resolve", "select", "unwrap"]
 
@@ -35,10 +35,10 @@ def unwrap(model: object) -> nn.Module:
     always written against the inner model.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``.
+        ArgumentTypeError: if ``model`` is not an ``nn.Module`` (also a ``TypeError``).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"expected a torch.nn.Module, got {type(model).__name__}; "
             "pass the model itself (not its state_dict or parameters())"
         )
@@ -155,6 +155,7 @@ class _PathMatcher(_Matcher):
                         for pname, p in module._parameters.items():
                             if p is not None and fnmatch.fnmatchcase(pname, seg.name):
                                 params.append(prefix + pname)
+                        params.extend(_originals(module, prefix, seg.name))
             else:
                 nxt = list(nodes)
             for pick in seg.picks:
@@ -191,6 +192,28 @@ class _PathMatcher(_Matcher):
         return difflib.get_close_matches(plain, index.names(), n=3, cutoff=0.5) or difflib.get_close_matches(
             self.text, index.names(), n=3, cutoff=0.3
         )
+
+
+def _originals(module: nn.Module, prefix: str, pattern: str) -> list[str]:
+    """Names of the parameters behind a parametrized tensor's visible name.
+
+    ``weight_norm`` and other parametrizations replace ``weight`` by a computed
+    attribute and keep the stored tensors elsewhere
+    (``parametrizations.weight.original0``; ``weight_g``/``weight_v`` for the
+    old hook-based ``torch.nn.utils.weight_norm``): the visible name selects those.
+    """
+    out: list[str] = []
+    plists = module._modules.get("parametrizations")
+    if isinstance(plists, nn.ModuleDict):
+        for key, plist in plists.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                out += [n for n, _ in plist.named_parameters(prefix=f"{prefix}parametrizations.{key}",
+                                                             remove_duplicate=False)]
+    for hook in module._forward_pre_hooks.values():
+        name = getattr(hook, "name", None)
+        if type(hook).__name__ == "WeightNorm" and isinstance(name, str) and fnmatch.fnmatchcase(name, pattern):
+            out += [prefix + n for n in (f"{name}_g", f"{name}_v") if module._parameters.get(n) is not None]
+    return out
 
 
 class _RegexMatcher(_Matcher):
@@ -387,7 +410,7 @@ def resolve(
     Args:
         model: the model, or a prebuilt :class:`ModelIndex`.
         selectors: selectors; no selector means the whole model when
-            ``default_all`` is true.
+            ``default_all`` is true; an explicit empty list selects nothing.
         exclude: a selector or sequence of selectors to take back out.
         origin: how to name the selectors' source in errors.
 
@@ -402,6 +425,12 @@ def resolve(
     if not items:
         if not default_all:
             raise SelectorError("no selector given", origin=origin)
+        if selectors:
+            # an explicit empty list (``lf.freeze(net, [])``, a list computed
+            # elsewhere that came out empty) selects nothing, not everything
+            for i, sel in enumerate(_as_list(exclude), start=1):
+                _match_one(index, sel, f"exclude {i}")
+            return Resolution(params=[], modules=[])
         module_roots = [""]
     for i, sel in enumerate(items, start=1):
         where = f"{origin} {i}" if len(items) > 1 else origin
@@ -460,6 +489,10 @@ def select(model: nn.Module, *selectors: object, exclude: object = ()) -> list[s
         *selectors: names, globs (``*`` one segment, ``**`` any), index or
             slice (``"encoder.layer[-2:]"``), ``"re:<regex>"`` (full match),
             ``"type:<Class>"``, an ``nn.Module`` class, or ``(name, module) -> bool``.
+            The visible name of a parametrized tensor (``"0.weight"`` after
+            ``weight_norm``) selects the tensors stored behind it. No selector
+            means every parameter; an explicit empty list (``select(net, [])``)
+            selects none.
         exclude: a selector or a sequence of them to leave out.
 
     Returns:

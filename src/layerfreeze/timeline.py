@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .errors import ArgumentError
+from .rules import as_int
 from .selectors import ModelIndex
 
 if TYPE_CHECKING:
@@ -58,14 +60,22 @@ def timeline(
 
     Raises:
         SelectorError: a rule's selector does not fit ``model``.
-        ValueError: ``epochs`` or ``steps_per_epoch`` is not positive.
+        ArgumentError: ``epochs`` or ``steps_per_epoch`` is not positive
+            (also a ``ValueError``).
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-    ):
-        raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+    n = as_int(epochs)
+    if n is None or n < 1:
+        raise ArgumentError(f"epochs must be a positive int, got {epochs!r}")
+    epochs = n
+    if steps_per_epoch is not None:
+        k = as_int(steps_per_epoch)
+        if k is None or k < 1:
+            raise ArgumentError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        steps_per_epoch = k
+    first = as_int(start)
+    if first is None:
+        raise ArgumentError(f"start must be an int, got {start!r}")
+    start = first
     index = ModelIndex(model)
     groups = schedule.groups(index)
     rows = []

@@ -41,6 +41,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .errors import ArgumentTypeError
 from .freezer import Freezer
 from .optim import optimizer_param_ids
 from .schedule import Schedule
@@ -62,7 +63,7 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
         transitions: every transition made, in order.
 
     Raises:
-        TypeError: ``schedule`` is not a Schedule.
+        ArgumentTypeError: ``schedule`` is not a Schedule (also a ``TypeError``).
 
     Example:
         >>> import layerfreeze as lf
@@ -73,7 +74,7 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, schedule: Schedule, **freezer_kwargs: Any) -> None:
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}")
+            raise ArgumentTypeError(f"schedule must be a layerfreeze Schedule, got {type(schedule).__name__}")
         self.schedule = schedule
         self.freezer_kwargs = freezer_kwargs
         self.freezer: Freezer | None = None
@@ -118,13 +119,11 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
     def _attach_rank_check(self, model: Any) -> None:
         import torch.distributed as dist
 
+        if self.freezer is None or self.freezer.distributed is not None:
+            return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from .core import subscribe
-            from .distributed import DistributedSync
-
-            assert self.freezer is not None
-            sync = DistributedSync(model)
-            self.freezer._handles.append(subscribe(model, sync))
+            # the Trainer's DDP wrapper is not visible here: check ranks only
+            self.freezer.attach_distributed(model, ranks_only=True)
 
     def _apply(self, state: Any, *, epoch: bool) -> None:
         if self.freezer is None:
