@@ -8,10 +8,10 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from tests.conftest import Net
 from torch import nn
 
 import layerfreeze as lf
-from tests.conftest import Net
 
 
 def _step(net: nn.Module, opt: torch.optim.Optimizer) -> None:
