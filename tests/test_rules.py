@@ -381,3 +381,56 @@ def test_a_later_norm_rule_takes_dropout_out_of_an_earlier_eval_hold() -> None:
     fz.set_step(10)
     model.train()
     assert [n for n, m in model.named_modules() if not m.training] == ["1.2.1"]
+
+
+# --------------------------------------------------------------------------- one spec per rule
+
+
+def test_a_rule_is_one_class_and_its_spec_drives_builder_config_and_to_dict(monkeypatch) -> None:
+    from layerfreeze import rules
+    from layerfreeze.selectors import resolve
+
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
+    import layerfreeze.config as config
+    import layerfreeze.schedule as schedule_mod
+
+    monkeypatch.setattr(config, "RULES", rules.RULES)
+    monkeypatch.setattr(schedule_mod, "RULES", rules.RULES)
+
+    @rules.register_rule
+    class EveryOther(rules.Rule):
+        """Frozen at even epochs."""
+
+        kind = "every_other"
+        params = (rules.Param("phase", "int", 0, low=0), rules.Param("mode", "mode", "norm"))
+
+        def groups(self, index, *, origin):
+            return [(str(self.selector), resolve(index, [self.selector], origin=origin, default_all=False))]
+
+        def decide(self, index, epoch, step, *, origin):
+            if epoch is None:
+                return []
+            return [rules.Decision(self.groups(index, origin=origin)[0][1], (epoch + self.phase) % 2 == 0, self.mode)]
+
+    net = stack(2)
+    built = lf.Schedule().every_other("0", phase=1)
+    assert built.to_dict() == {"rules": [{"every_other": "0", "phase": 1}]}
+    assert lf.Schedule.from_dict(built.to_dict()).to_dict() == built.to_dict()
+    assert built.frozen_at(net, epoch=1) and not built.frozen_at(net, epoch=2)
+    with pytest.raises(lf.ScheduleError, match=r"rule 0 \(every_other\), key 'phase': expected an int"):
+        lf.Schedule.from_dict({"rules": [{"every_other": "0", "phase": "one"}]})
+    with pytest.raises(lf.ScheduleError, match="phase must be >= 0"):
+        lf.Schedule().every_other("0", phase=-1)
+    with pytest.raises(lf.ScheduleTypeError, match="unexpected keyword argument 'phaze'"):
+        lf.Schedule().every_other("0", phaze=1)
+
+
+def test_builder_signatures_come_from_the_spec() -> None:
+    import inspect
+
+    sig = inspect.signature(lf.Schedule.gradual_unfreeze)
+    assert list(sig.parameters) == ["self", "group_spec", "start_epoch", "every", "lr_decay", "mode"]
+    assert sig.parameters["start_epoch"].default is inspect.Parameter.empty
+    assert sig.parameters["every"].default == 1
+    with pytest.raises(lf.ScheduleTypeError, match="missing the required keyword argument 'start_epoch'"):
+        lf.Schedule().gradual_unfreeze("0")

@@ -23,68 +23,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from .errors import ScheduleError, ScheduleTypeError
-from .rules import RULES, Rule
+from .rules import _DESCRIBE, RULES, Param, Rule, _selector_ok
 
 if TYPE_CHECKING:
     from .schedule import Schedule
 
 __all__ = ["load_config", "schedule_from_dict"]
 
-_INT = "an int"
-_NUMBER = "a number"
-_SELECTOR = "a selector (a string, or a list of strings)"
-_MODE = "'norm', 'eval' or 'keep'"
-
-#: each kind's keyword arguments and the type each takes
-_KEYS: dict[str, dict[str, str]] = {
-    "freeze": {
-        "exclude": _SELECTOR,
-        "from_epoch": _INT,
-        "until_epoch": _INT,
-        "from_step": _INT,
-        "until_step": _INT,
-        "mode": _MODE,
-    },
-    "gradual_unfreeze": {"start_epoch": _INT, "every": _INT, "lr_decay": _NUMBER, "mode": _MODE},
-    "progressive_freeze": {
-        "start": _NUMBER,
-        "end": _NUMBER,
-        "total_epochs": _INT,
-        "total_steps": _INT,
-        "mode": _MODE,
-    },
-    "adaptive_freeze": {"check_every": _INT, "percentile": _NUMBER, "min_trainable": _INT, "mode": _MODE},
-}
-_REQUIRED = {
-    "freeze": (),
-    "gradual_unfreeze": ("start_epoch",),
-    "progressive_freeze": ("start", "end"),
-    "adaptive_freeze": ("check_every",),
-}
-
-
-def _type_ok(value: object, expected: str) -> bool:
-    if expected == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected == _NUMBER:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected == _MODE:
-        return value in ("norm", "eval", "keep")
-    return _selector_ok(value)
-
-
-def _selector_ok(value: object) -> bool:
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(_selector_ok(v) and not isinstance(v, (list, tuple)) for v in value)
-    if isinstance(value, str):
-        return bool(value.strip())
-    # from Python (not from a file) a class or a callable selector is fine too
-    return (isinstance(value, type) and issubclass(value, nn.Module)) or (
-        callable(value) and not isinstance(value, type)
-    )
+def _spec(kind: str) -> dict[str, Param]:
+    """Each keyword argument of a rule kind, from the rule's own spec."""
+    return {p.name: p for p in RULES[kind].params}
 
 
 def _describe(value: object) -> str:
@@ -105,11 +54,13 @@ def _rule_from_dict(i: int, entry: object) -> Rule:
         )
     kind = kinds[0]
     where = f"rule {i} ({kind})"
-    allowed = _KEYS[kind]
+    allowed = _spec(kind)
     for key, value in entry.items():
         if key == kind:
             if not _selector_ok(value):
-                raise ScheduleTypeError(f"{where}, key {key!r}: expected {_SELECTOR}, got {_describe(value)}")
+                raise ScheduleTypeError(
+                    f"{where}, key {key!r}: expected {_DESCRIBE['selector']}, got {_describe(value)}"
+                )
             continue
         if key not in allowed:
             import difflib
@@ -119,13 +70,15 @@ def _rule_from_dict(i: int, entry: object) -> Rule:
             raise ScheduleError(
                 f"{where}, key {key!r}: unknown key{hint} ({kind} takes {', '.join(map(repr, allowed))})"
             )
-        if value is None and key not in _REQUIRED[kind]:
+        if value is None and not allowed[key].required:
             continue
-        if not _type_ok(value, allowed[key]):
-            raise ScheduleTypeError(f"{where}, key {key!r}: expected {allowed[key]}, got {_describe(value)}")
-    missing = [k for k in _REQUIRED[kind] if entry.get(k) is None]
+        if not allowed[key].accepts(value):
+            raise ScheduleTypeError(
+                f"{where}, key {key!r}: expected {allowed[key].describe()}, got {_describe(value)}"
+            )
+    missing = [name for name, p in allowed.items() if p.required and entry.get(name) is None]
     if missing:
-        raise ScheduleError(f"{where}: missing key {missing[0]!r} ({allowed[missing[0]]})")
+        raise ScheduleError(f"{where}: missing key {missing[0]!r} ({allowed[missing[0]].describe()})")
     kwargs = {k: v for k, v in entry.items() if k != kind and v is not None}
     rule_cls: Any = RULES[kind]
     try:

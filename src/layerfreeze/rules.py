@@ -19,6 +19,7 @@ groups (``"encoder.layer"``) or as a list of selectors, bottom first.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
@@ -38,9 +39,12 @@ __all__ = [
     "Decision",
     "FreezeRule",
     "GradualUnfreezeRule",
+    "Param",
     "ProgressiveFreezeRule",
+    "RULES",
     "Rule",
     "ScheduleTypeError",
+    "register_rule",
 ]
 
 
@@ -62,22 +66,161 @@ class Decision:
     lr_scale: float | None = None
 
 
+_REQUIRED: Any = inspect.Parameter.empty
+
+_DESCRIBE = {
+    "int": "an int",
+    "bound": "an int",
+    "number": "a number",
+    "mode": "'norm', 'eval' or 'keep'",
+    "selector": "a selector (a string, or a list of strings)",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword argument of a rule: the single place it is described.
+
+    The rule's constructor validates with it, :class:`~layerfreeze.Schedule`'s
+    builder method and the config reader take their keys, types and required
+    keys from it, and :meth:`Rule.to_dict` writes every value that is not the
+    default.
+
+    Attributes:
+        name: the keyword (and config key, and attribute of the rule).
+        kind: ``"int"`` (``>= low``), ``"bound"`` (an int or None),
+            ``"number"`` (in ``[low, high]``, ``(low, high]`` with
+            ``low_open``), ``"mode"`` or ``"selector"``.
+        default: the default; none given: required.
+    """
+
+    name: str
+    kind: str
+    default: Any = _REQUIRED
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def describe(self) -> str:
+        """What the value must be, for error messages."""
+        return _DESCRIBE[self.kind]
+
+    def accepts(self, value: object) -> bool:
+        """Whether ``value`` has the right type (ranges are checked by :meth:`check`)."""
+        if self.kind in ("int", "bound"):
+            return as_int(value) is not None
+        if self.kind == "number":
+            return as_number(value) is not None
+        if self.kind == "mode":
+            return value in ("norm", "eval", "keep")
+        return _selector_ok(value)
+
+    def check(self, value: object) -> Any:
+        """``value`` validated and converted (numpy scalars to Python numbers).
+
+        Raises:
+            ScheduleTypeError: a value of the wrong type.
+            ScheduleError: a value out of range.
+        """
+        if self.kind == "bound" or (value is None and not self.required and self.default is None):
+            return _check_bound(self.name, value)
+        if self.kind == "int":
+            return _check_int(self.name, value, int(self.low or 0))
+        if self.kind == "number":
+            out = _check_float(self.name, value, -math.inf if self.low is None else self.low,
+                               math.inf if self.high is None else self.high)
+            if self.low_open and out == self.low:
+                raise ScheduleError(f"{self.name} must be in ({self.low}, {self.high}], got {value!r}")
+            return out
+        if self.kind == "mode":
+            return _check_mode(value)
+        return value
+
+    def is_default(self, value: object) -> bool:
+        if self.kind == "selector":
+            return value in ((), [], None)
+        return not self.required and value == self.default
+
+
+def _selector_ok(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_selector_ok(v) and not isinstance(v, (list, tuple)) for v in value)
+    if isinstance(value, str):
+        return bool(value.strip())
+    # from Python (not from a file) a class or a callable selector is fine too
+    return (isinstance(value, type) and issubclass(value, nn.Module)) or (
+        callable(value) and not isinstance(value, type)
+    )
+
+
+_MODE_PARAM = Param("mode", "mode", "norm")
+
+
 class Rule:
     """Base class of schedule rules.
 
-    Subclasses set ``kind`` (the key naming the rule in a config dict) and
-    implement :meth:`decide`, :meth:`groups` and :meth:`to_dict`.
+    A subclass sets ``kind`` (the key naming the rule in a config dict, and
+    the name of its :class:`~layerfreeze.Schedule` builder method), ``target``
+    (the attribute holding what that key gives: a selector or the groups) and
+    ``params`` (its keyword arguments, one :class:`Param` each), and
+    implements :meth:`decide` and :meth:`groups`. Construction, validation,
+    the builder method, config keys and :meth:`to_dict` all follow from
+    ``params``; :meth:`_check` adds checks across arguments. Adding a rule is
+    one class, registered in :data:`RULES`.
     """
 
     kind: ClassVar[str] = "rule"
+    target: ClassVar[str] = "selector"
+    params: ClassVar[tuple[Param, ...]] = ()
     mode: str = "norm"
+
+    def __init__(self, target: object, /, **kwargs: Any) -> None:
+        spec = {p.name: p for p in self.params}
+        unknown = [k for k in kwargs if k not in spec]
+        if unknown:
+            raise ScheduleTypeError(
+                f"{self.kind} got an unexpected keyword argument {unknown[0]!r}; it takes "
+                f"{', '.join(map(repr, spec))}"
+            )
+        missing = [p.name for p in self.params if p.required and p.name not in kwargs]
+        if missing:
+            raise ScheduleTypeError(f"{self.kind} is missing the required keyword argument {missing[0]!r}")
+        self._set_target(target)
+        for p in self.params:
+            setattr(self, p.name, p.check(kwargs.get(p.name, p.default)))
+        self._check()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(cls.target, inspect.Parameter.POSITIONAL_ONLY)]
+            + [inspect.Parameter(p.name, keyword, default=p.default) for p in cls.params]
+        )
+
+    def _set_target(self, target: object) -> None:
+        setattr(self, self.target, target)
+
+    def _check(self) -> None:
+        """Checks across arguments; raise :class:`~layerfreeze.ScheduleError`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as a config dict: its kind's key, then every argument that
+        is not the default, in the order of ``params``."""
+        out: dict[str, Any] = {self.kind: _serial(getattr(self, self.target))}
+        for p in self.params:
+            value = getattr(self, p.name)
+            if p.required or not p.is_default(value):
+                out[p.name] = _serial(value) if p.kind == "selector" else value
+        return out
 
     def decide(
         self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
     ) -> list[Decision]:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def groups(self, index: ModelIndex, *, origin: str) -> list[tuple[str, Resolution]]:
@@ -181,14 +324,16 @@ def _roots(names: Sequence[str]) -> list[str]:
 class _GroupedRule(Rule):
     """A rule over an ordered list of groups (bottom first)."""
 
-    def __init__(self, groups: object, *, mode: str) -> None:
+    target = "group_spec"
+    group_spec: object
+
+    def _set_target(self, groups: object) -> None:
         if isinstance(groups, (list, tuple)):
             if not groups:
                 raise ScheduleError(f"{self.kind}: groups is an empty list; give at least one selector")
-            self.group_spec: object = list(groups)
+            self.group_spec = list(groups)
         else:
             self.group_spec = groups
-        self.mode = _check_mode(mode)
 
     def groups(self, index: ModelIndex, *, origin: str) -> list[tuple[str, Resolution]]:
         key = self.kind
@@ -224,9 +369,6 @@ class _GroupedRule(Rule):
             )
         return [(n, resolve(index, [n], origin=origin, default_all=False)) for n in names]
 
-    def _groups_dict(self) -> dict[str, Any]:
-        return {self.kind: _serial(self.group_spec)}
-
 
 def _serial(spec: object) -> Any:
     """Selectors as a config file would hold them (classes as ``type:``)."""
@@ -252,33 +394,30 @@ class FreezeRule(Rule):
     """
 
     kind = "freeze"
+    params = (
+        Param("from_epoch", "bound", None),
+        Param("until_epoch", "bound", None),
+        Param("from_step", "bound", None),
+        Param("until_step", "bound", None),
+        Param("exclude", "selector", ()),
+        _MODE_PARAM,
+    )
+    selector: object
+    exclude: object
+    from_epoch: int | None
+    until_epoch: int | None
+    from_step: int | None
+    until_step: int | None
 
-    def __init__(
-        self,
-        selector: object,
-        *,
-        exclude: object = (),
-        from_epoch: int | None = None,
-        until_epoch: int | None = None,
-        from_step: int | None = None,
-        until_step: int | None = None,
-        mode: str = "norm",
-    ) -> None:
-        self.selector = selector
-        self.exclude = exclude
-        self.from_epoch = _check_bound("from_epoch", from_epoch)
-        self.until_epoch = _check_bound("until_epoch", until_epoch)
-        self.from_step = _check_bound("from_step", from_step)
-        self.until_step = _check_bound("until_step", until_step)
+    def _check(self) -> None:
         for unit in ("epoch", "step"):
             lo, hi = getattr(self, f"from_{unit}"), getattr(self, f"until_{unit}")
             if lo is not None and hi is not None and lo >= hi:
                 raise ScheduleError(
-                    f"freeze {selector!r}: from_{unit}={lo} is not below until_{unit}={hi}, so the window "
+                    f"freeze {self.selector!r}: from_{unit}={lo} is not below until_{unit}={hi}, so the window "
                     f"[{lo}, {hi}) is empty and the rule would never freeze; give from_{unit} < until_{unit} "
                     "(until is exclusive), or drop one bound"
                 )
-        self.mode = _check_mode(mode)
 
     def _selectors(self) -> list[object]:
         return _selector_list(self.selector)
@@ -313,16 +452,6 @@ class FreezeRule(Rule):
             checks.append(_within(step, self.from_step, self.until_step))
         return [Decision(self._resolve(index, origin), all(checks), self.mode)]
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {self.kind: _serial(self.selector)}
-        for key in ("from_epoch", "until_epoch", "from_step", "until_step"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.exclude not in ((), [], None):
-            out["exclude"] = _serial(self.exclude)
-        if self.mode != "norm":
-            out["mode"] = self.mode
-        return out
 
 
 def _within(t: int, lo: int | None, hi: int | None) -> bool:
@@ -355,29 +484,15 @@ class GradualUnfreezeRule(_GroupedRule):
     """
 
     kind = "gradual_unfreeze"
-
-    def __init__(
-        self,
-        groups: object,
-        *,
-        start_epoch: int,
-        every: int = 1,
-        lr_decay: float | None = None,
-        mode: str = "norm",
-    ) -> None:
-        super().__init__(groups, mode=mode)
-        self.start_epoch = _check_int("start_epoch", start_epoch, 0)
-        self.every = _check_int("every", every, 1)
-        if lr_decay is not None:
-            decay = as_number(lr_decay)
-            if decay is None:
-                raise ScheduleTypeError(
-                    f"lr_decay must be a number or None, got {lr_decay!r} ({type(lr_decay).__name__})"
-                )
-            if not 0 < decay <= 1:
-                raise ScheduleError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
-            lr_decay = decay
-        self.lr_decay = lr_decay
+    params = (
+        Param("start_epoch", "int", low=0),
+        Param("every", "int", 1, low=1),
+        Param("lr_decay", "number", None, low=0.0, high=1.0, low_open=True),
+        _MODE_PARAM,
+    )
+    start_epoch: int
+    every: int
+    lr_decay: float | None
 
     def unfrozen_count(self, epoch: int, n: int) -> int:
         """How many groups (from the top) are trainable at ``epoch``."""
@@ -405,16 +520,6 @@ class GradualUnfreezeRule(_GroupedRule):
         groups = self.groups(index, origin=origin)
         return {name: self._scale(i, len(groups)) for i, (_, res) in enumerate(groups) for name in res.params}
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self._groups_dict()
-        out["start_epoch"] = self.start_epoch
-        if self.every != 1:
-            out["every"] = self.every
-        if self.lr_decay is not None:
-            out["lr_decay"] = self.lr_decay
-        if self.mode != "norm":
-            out["mode"] = self.mode
-        return out
 
 
 class ProgressiveFreezeRule(_GroupedRule):
@@ -442,27 +547,26 @@ class ProgressiveFreezeRule(_GroupedRule):
     """
 
     kind = "progressive_freeze"
+    params = (
+        Param("start", "number", low=0.0, high=1.0),
+        Param("end", "number", low=0.0, high=1.0),
+        Param("total_epochs", "int", None, low=1),
+        Param("total_steps", "int", None, low=1),
+        _MODE_PARAM,
+    )
+    start: float
+    end: float
+    total_epochs: int | None
+    total_steps: int | None
 
-    def __init__(
-        self,
-        groups: object,
-        *,
-        start: float,
-        end: float,
-        total_epochs: int | None = None,
-        total_steps: int | None = None,
-        mode: str = "norm",
-    ) -> None:
-        super().__init__(groups, mode=mode)
-        self.start = _check_float("start", start, 0.0, 1.0)
-        self.end = _check_float("end", end, self.start, 1.0)
-        if (total_epochs is None) == (total_steps is None):
+    def _check(self) -> None:
+        if self.end < self.start:
+            raise ScheduleError(f"end must be in [{self.start}, 1.0], got {self.end!r}")
+        if (self.total_epochs is None) == (self.total_steps is None):
             raise ScheduleError(
                 "progressive_freeze needs exactly one of total_epochs and total_steps "
-                f"(got total_epochs={total_epochs!r}, total_steps={total_steps!r})"
+                f"(got total_epochs={self.total_epochs!r}, total_steps={self.total_steps!r})"
             )
-        self.total_epochs = None if total_epochs is None else _check_int("total_epochs", total_epochs, 1)
-        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
 
     def threshold(self, i: int, n: int) -> float:
         """The training fraction at which group ``i`` of ``n`` freezes."""
@@ -483,17 +587,6 @@ class ProgressiveFreezeRule(_GroupedRule):
             for i, (_, res) in enumerate(groups)
         ]
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self._groups_dict()
-        out["start"] = self.start
-        out["end"] = self.end
-        if self.total_epochs is not None:
-            out["total_epochs"] = self.total_epochs
-        if self.total_steps is not None:
-            out["total_steps"] = self.total_steps
-        if self.mode != "norm":
-            out["mode"] = self.mode
-        return out
 
 
 class AdaptiveFreezeRule(_GroupedRule):
@@ -523,20 +616,18 @@ class AdaptiveFreezeRule(_GroupedRule):
     """
 
     kind = "adaptive_freeze"
+    params = (
+        Param("check_every", "int", low=1),
+        Param("percentile", "number", 50, low=0.0, high=100.0),
+        Param("min_trainable", "int", 1, low=0),
+        _MODE_PARAM,
+    )
+    check_every: int
+    percentile: float
+    min_trainable: int
 
-    def __init__(
-        self,
-        groups: object,
-        *,
-        check_every: int,
-        percentile: float = 50,
-        min_trainable: int = 1,
-        mode: str = "norm",
-    ) -> None:
-        super().__init__(groups, mode=mode)
-        self.check_every = _check_int("check_every", check_every, 1)
-        self.percentile = _check_float("percentile", percentile, 0.0, 100.0)
-        self.min_trainable = _check_int("min_trainable", min_trainable, 0)
+    def __init__(self, groups: object, /, **kwargs: Any) -> None:
+        super().__init__(groups, **kwargs)
         #: how many groups, from the bottom, are frozen
         self.frozen_groups = 0
         #: each group's norm at the previous check (None: not measured)
@@ -579,16 +670,6 @@ class AdaptiveFreezeRule(_GroupedRule):
         groups = self.groups(index, origin=origin)
         return [Decision(res, True, self.mode) for _, res in groups[: self.frozen_groups]]
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self._groups_dict()
-        out["check_every"] = self.check_every
-        if self.percentile != 50:
-            out["percentile"] = self.percentile
-        if self.min_trainable != 1:
-            out["min_trainable"] = self.min_trainable
-        if self.mode != "norm":
-            out["mode"] = self.mode
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"frozen_groups": self.frozen_groups, "previous": self.previous, "checks": self.checks}
@@ -625,6 +706,26 @@ def _percentile(values: Sequence[float], q: float) -> float:
 RULES: dict[str, type[Rule]] = {
     cls.kind: cls for cls in (FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, AdaptiveFreezeRule)
 }
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    """Make a rule class known to :class:`~layerfreeze.Schedule` (a builder
+    method named ``cls.kind``) and to config files (the key ``cls.kind``).
+
+    Usable as a class decorator.
+
+    Raises:
+        ArgumentTypeError: ``cls`` is not a :class:`Rule` subclass.
+        ArgumentError: its ``kind`` is taken by another class.
+    """
+    from .errors import ArgumentError, ArgumentTypeError
+
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise ArgumentTypeError(f"register_rule takes a Rule subclass, got {cls!r}")
+    if RULES.get(cls.kind, cls) is not cls:
+        raise ArgumentError(f"rule kind {cls.kind!r} is taken by {RULES[cls.kind].__name__}; choose another kind")
+    RULES[cls.kind] = cls
+    return cls
 
 
 class GradNormCollector:

@@ -8,8 +8,9 @@ Parameters no rule governs keep whatever state they have.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,14 +20,7 @@ from torch import nn
 from .core import apply_change
 from .errors import ArgumentTypeError, StateDictError
 from .holds import plan_holds
-from .rules import (
-    AdaptiveFreezeRule,
-    Decision,
-    FreezeRule,
-    GradualUnfreezeRule,
-    ProgressiveFreezeRule,
-    Rule,
-)
+from .rules import RULES, Decision, FreezeRule, Rule
 from .selectors import ModelIndex, Resolution
 
 if TYPE_CHECKING:
@@ -72,6 +66,16 @@ class Schedule:
     def __repr__(self) -> str:
         return f"Schedule({self.to_dict()['rules']!r})"
 
+    def __getattr__(self, kind: str) -> Callable[..., Schedule]:
+        # one builder method per rule kind (freeze, gradual_unfreeze,
+        # progressive_freeze, adaptive_freeze, ...), made from each rule's
+        # spec: those known at import are set below, a rule registered later
+        # (layerfreeze.rules.register_rule) is found here
+        cls = RULES.get(kind)
+        if cls is None or kind.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {kind!r}")
+        return _builder(cls).__get__(self, type(self))
+
     def add(self, rule: Rule) -> Schedule:
         """Append a rule; returns the schedule for chaining."""
         if not isinstance(rule, Rule):
@@ -81,134 +85,6 @@ class Schedule:
             )
         self.rules.append(rule)
         return self
-
-    def freeze(
-        self,
-        selector: object,
-        *,
-        exclude: object = (),
-        from_epoch: int | None = None,
-        until_epoch: int | None = None,
-        from_step: int | None = None,
-        until_step: int | None = None,
-        mode: str = "norm",
-    ) -> Schedule:
-        """Freeze ``selector`` while ``from <= t < until``; trainable outside that window."""
-        return self.add(
-            FreezeRule(
-                selector,
-                exclude=exclude,
-                from_epoch=from_epoch,
-                until_epoch=until_epoch,
-                from_step=from_step,
-                until_step=until_step,
-                mode=mode,
-            )
-        )
-
-    def gradual_unfreeze(
-        self,
-        groups: object,
-        *,
-        start_epoch: int,
-        every: int = 1,
-        lr_decay: float | None = None,
-        mode: str = "norm",
-    ) -> Schedule:
-        """ULMFiT-style: all groups frozen before ``start_epoch``; then the top
-        group trains, and one more group below it every ``every`` epochs.
-
-        Args:
-            groups: a selector of a container whose children are the groups
-                (``"encoder.layer"``), or a list of selectors, bottom first.
-            start_epoch: the epoch the top group unfreezes.
-            every: epochs between two unfreezes.
-            lr_decay: ``d``: the group ``k`` places below the top trains at
-                ``lr * d**k`` (``lr``: the Freezer's ``unfreeze_lr``, else the
-                optimizer's group 0 lr).
-            mode: see :func:`layerfreeze.freeze`.
-
-        Returns:
-            The schedule, for chaining.
-
-        Example:
-            >>> import torch.nn as nn, layerfreeze as lf
-            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-            >>> s = lf.Schedule().gradual_unfreeze(["[0]", "[1]"], start_epoch=1, lr_decay=0.5)
-            >>> [r.frozen for r in s.timeline(net, epochs=3)]
-            [['[0]', '[1]'], ['[0]'], []]
-        """
-        return self.add(
-            GradualUnfreezeRule(groups, start_epoch=start_epoch, every=every, lr_decay=lr_decay, mode=mode)
-        )
-
-    def progressive_freeze(
-        self,
-        groups: object,
-        *,
-        start: float,
-        end: float,
-        total_epochs: int | None = None,
-        total_steps: int | None = None,
-        mode: str = "norm",
-    ) -> Schedule:
-        """FreezeOut-style: group ``i`` of ``n`` (bottom first) freezes for good once
-        the training fraction reaches ``start + (end - start) * i / (n - 1)``.
-
-        Args:
-            groups: a container selector or a list of selectors, bottom first.
-            start, end: fractions of training, ``0 <= start <= end <= 1``.
-            total_epochs: training length in epochs, or
-            total_steps: in steps (give exactly one).
-            mode: see :func:`layerfreeze.freeze`.
-
-        Returns:
-            The schedule, for chaining.
-
-        Example:
-            >>> import torch.nn as nn, layerfreeze as lf
-            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-            >>> s = lf.Schedule().progressive_freeze(["[0]", "[1]"], start=0.5, end=1.0, total_epochs=2)
-            >>> s.frozen_at(net, epoch=1)
-            ['0.weight', '0.bias']
-        """
-        return self.add(
-            ProgressiveFreezeRule(
-                groups, start=start, end=end, total_epochs=total_epochs, total_steps=total_steps, mode=mode
-            )
-        )
-
-    def adaptive_freeze(
-        self,
-        groups: object,
-        *,
-        check_every: int,
-        percentile: float = 50,
-        min_trainable: int = 1,
-        mode: str = "norm",
-    ) -> Schedule:
-        """AutoFreeze-style: every ``check_every`` optimizer steps, freeze the
-        longest bottom prefix of groups whose gradient-norm change is below the
-        ``percentile``-th percentile, leaving ``min_trainable`` groups trainable.
-
-        The Freezer measures the gradient norms in the optimizer's step
-        pre-hook (no second backward) and applies the freeze right after that
-        step. See :class:`~layerfreeze.rules.AdaptiveFreezeRule`.
-
-        Returns:
-            The schedule, for chaining.
-
-        Example:
-            >>> import layerfreeze as lf
-            >>> s = lf.Schedule().adaptive_freeze("encoder.layer", check_every=50)
-            >>> s.to_dict()
-            {'rules': [{'adaptive_freeze': 'encoder.layer', 'check_every': 50}]}
-        """
-        return self.add(
-            AdaptiveFreezeRule(
-                groups, check_every=check_every, percentile=percentile, min_trainable=min_trainable, mode=mode
-            )
-        )
 
     # ------------------------------------------------------------------ config
 
@@ -409,3 +285,27 @@ class Schedule:
         self.check_state_dict(state)
         for rule, rs in zip(self.rules, state["rules"], strict=True):
             rule.load_state_dict(rs)
+
+
+def _builder(cls: type[Rule]) -> Callable[..., Schedule]:
+    """The :class:`Schedule` method that appends a ``cls`` rule, made from its spec."""
+
+    def build(self: Schedule, target: object, /, **kwargs: Any) -> Schedule:
+        return self.add(cls(target, **kwargs))
+
+    summary = (cls.__doc__ or "").strip().split("\n\n")[0]
+    build.__name__ = build.__qualname__ = cls.kind
+    build.__doc__ = (
+        f"{summary}\n\nAppends a :class:`~layerfreeze.rules.{cls.__name__}` (see there for the "
+        "arguments) and returns the schedule, for chaining."
+    )
+    sig = inspect.signature(cls)
+    build.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *sig.parameters.values()],
+        return_annotation="Schedule",
+    )
+    return build
+
+
+for _kind, _cls in RULES.items():
+    setattr(Schedule, _kind, _builder(_cls))
