@@ -23,8 +23,6 @@ from typing import Any
 
 from torch import nn
 
-from .timeline import add_plan_command
-
 __all__ = ["CliError", "SUBCOMMANDS", "build_parser", "load_target", "main"]
 
 DEMOS = {
@@ -213,6 +211,57 @@ def _run_inspect(args: argparse.Namespace) -> int:
         )
     else:
         console.print(f"total: {total:,} params ({len(index.by_canonical)} tensors)")
+    return 0
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def add_plan_command(sub: Any) -> None:
+    """Register ``layerfreeze plan CONFIG --model TARGET --epochs N [--out plan.png]``."""
+    p = sub.add_parser(
+        "plan",
+        help="print a schedule's plan per epoch and draw it",
+        description="CONFIG is a .yaml/.yml, .toml or .json schedule; TARGET is package.module:attr or "
+        "path/file.py:attr (as for inspect).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="schedule config file")
+    p.add_argument(
+        "--model", "-m", required=True, metavar="TARGET", help="package.module:attr or path/file.py:attr"
+    )
+    p.add_argument("--epochs", "-e", required=True, type=int, metavar="N", help="epochs to show")
+    p.add_argument("--start", type=int, default=0, metavar="E", help="first epoch (default 0)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="S", help="for step-based rules")
+    p.add_argument("--out", "-o", default=None, metavar="PNG", help="also write the picture here")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """The ``plan`` subcommand: print the timeline table, write the PNG."""
+    from rich.console import Console
+
+    from .errors import LayerFreezeError
+    from .schedule import Schedule
+    from .timeline import format_timeline, plot_timeline
+
+    if args.epochs < 1:
+        raise CliError(f"--epochs must be 1 or more, got {args.epochs}")
+    if not Path(args.config).is_file():
+        raise CliError(f"no such config file: {args.config}")
+    model = load_target(args.model)
+    try:
+        schedule = Schedule.from_file(args.config)
+        schedule.validate(model)
+        rows = schedule.timeline(model, args.epochs, start=args.start, steps_per_epoch=args.steps_per_epoch)
+    except (LayerFreezeError, ValueError, ImportError) as exc:
+        raise CliError("; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
+    console = Console(highlight=False)
+    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)]))
+    if args.out:
+        out = plot_timeline(
+            schedule, model, args.epochs, args.out, start=args.start, steps_per_epoch=args.steps_per_epoch
+        )
+        console.print(f"wrote {out}")
     return 0
 
 

@@ -1,5 +1,7 @@
 """Schedules from config dicts and files (YAML, TOML, JSON).
 
+This module turns config data into rules (:func:`rules_from_dict`); it knows
+nothing of :class:`~layerfreeze.Schedule`, which builds itself from those rules.
 The shape mirrors the method calls of :class:`~layerfreeze.Schedule`::
 
     rules:
@@ -21,15 +23,12 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ScheduleError, ScheduleTypeError
 from .rules import _DESCRIBE, RULES, Param, Rule, _selector_ok
 
-if TYPE_CHECKING:
-    from .schedule import Schedule
-
-__all__ = ["load_config", "schedule_from_dict"]
+__all__ = ["load_config", "rules_from_dict"]
 
 def _spec(kind: str) -> dict[str, Param]:
     """Each keyword argument of a rule kind, from the rule's own spec."""
@@ -89,24 +88,24 @@ def _rule_from_dict(i: int, entry: object) -> Rule:
         raise ScheduleError(f"{where}: {exc}") from None
 
 
-def schedule_from_dict(config: object, cls: type[Schedule] | None = None) -> Schedule:
-    """Build a :class:`~layerfreeze.Schedule` from ``{"rules": [...]}``.
+def rules_from_dict(config: object) -> list[Rule]:
+    """The rules of a schedule config ``{"rules": [...]}``, validated.
 
     Args:
         config: the dict (as read from a config file).
-        cls: the schedule class to build (a subclass of Schedule).
+
+    Returns:
+        The rules, in order; ``Schedule(rules)`` (or
+        :meth:`Schedule.from_dict <layerfreeze.Schedule.from_dict>`) makes the schedule.
 
     Raises:
         ScheduleError: the dict does not describe a schedule; the message
             names the rule (index and kind) and the key.
 
     Example:
-        >>> schedule_from_dict({"rules": [{"gradual_unfreeze": "layers", "start_epoch": 1}]})
-        Schedule([{'gradual_unfreeze': 'layers', 'start_epoch': 1}])
+        >>> [r.kind for r in rules_from_dict({"rules": [{"gradual_unfreeze": "layers", "start_epoch": 1}]})]
+        ['gradual_unfreeze']
     """
-    from .schedule import Schedule
-
-    make = cls or Schedule
     if not isinstance(config, Mapping):
         raise ScheduleTypeError(
             f"a schedule config must be a mapping with a 'rules' list, got {_describe(config)}"
@@ -119,7 +118,7 @@ def schedule_from_dict(config: object, cls: type[Schedule] | None = None) -> Sch
     rules = config.get("rules")
     if not isinstance(rules, list):
         raise ScheduleTypeError(f"key 'rules': expected a list of rules, got {_describe(rules)}")
-    return make([_rule_from_dict(i, entry) for i, entry in enumerate(rules)])
+    return [_rule_from_dict(i, entry) for i, entry in enumerate(rules)]
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -11,22 +11,20 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
+from .config import load_config, rules_from_dict
 from .core import apply_change
-from .errors import ArgumentTypeError, StateDictError
+from .errors import ArgumentError, ArgumentTypeError, StateDictError
 from .holds import plan_holds
-from .rules import RULES, Decision, FreezeRule, Rule
+from .rules import RULES, Decision, FreezeRule, Rule, as_int
 from .selectors import ModelIndex, Resolution
 
-if TYPE_CHECKING:
-    from .timeline import TimelineRow
-
-__all__ = ["Decision", "FreezeRule", "Plan", "Rule", "Schedule"]
+__all__ = ["Decision", "FreezeRule", "Plan", "Rule", "Schedule", "TimelineRow"]
 
 
 @dataclass
@@ -47,6 +45,24 @@ def _signature(rule: Rule) -> str:
         return getattr(obj, "__qualname__", None) or type(obj).__name__
 
     return json.dumps(rule.to_dict(), sort_keys=True, default=name)
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """The plan at one epoch.
+
+    Attributes:
+        epoch: the epoch.
+        frozen: labels of the schedule's groups that are wholly frozen.
+        trainable: trainable scalar parameters in the whole model.
+        lr: for each trainable group, its learning rate (base lr times its
+            scale); frozen groups are absent.
+    """
+
+    epoch: int
+    frozen: list[str]
+    trainable: int
+    lr: dict[str, float] = field(default_factory=dict)
 
 
 class Schedule:
@@ -105,9 +121,7 @@ class Schedule:
             >>> lf.Schedule.from_dict({"rules": [{"freeze": "bert", "until_epoch": 4}]})
             Schedule([{'freeze': 'bert', 'until_epoch': 4}])
         """
-        from .config import schedule_from_dict
-
-        return schedule_from_dict(config, cls)
+        return cls(rules_from_dict(config))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Schedule:
@@ -117,8 +131,6 @@ class Schedule:
             ScheduleError: the file cannot be parsed (duplicate YAML keys
                 included) or does not describe a valid schedule.
         """
-        from .config import load_config
-
         return cls.from_dict(load_config(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,9 +203,37 @@ class Schedule:
             >>> [r.trainable for r in lf.Schedule().freeze("[0]", until_epoch=1).timeline(net, 2)]
             [3, 9]
         """
-        from .timeline import timeline
-
-        return timeline(self, model, epochs, start=start, steps_per_epoch=steps_per_epoch, lr=lr)
+        count = as_int(epochs)
+        if count is None or count < 1:
+            raise ArgumentError(f"epochs must be a positive int, got {epochs!r}")
+        epochs = count
+        if steps_per_epoch is not None:
+            k = as_int(steps_per_epoch)
+            if k is None or k < 1:
+                raise ArgumentError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+            steps_per_epoch = k
+        first = as_int(start)
+        if first is None:
+            raise ArgumentError(f"start must be an int, got {start!r}")
+        start = first
+        index = ModelIndex(model)
+        groups = self.groups(index)
+        rows = []
+        for epoch in range(start, start + epochs):
+            step = None if steps_per_epoch is None else epoch * steps_per_epoch
+            plan = self.plan(index, epoch, step)
+            frozen = {n: plan.state.get(n, not p.requires_grad) for n, p in index.by_canonical.items()}
+            trainable = sum(p.numel() for n, p in index.by_canonical.items() if not frozen[n])
+            row_frozen = []
+            lrs = {}
+            for label, res in groups:
+                if res.params and all(frozen[n] for n in res.params):
+                    row_frozen.append(label)
+                else:
+                    scales = [plan.lr_scale.get(n, 1.0) for n in res.params if not frozen[n]]
+                    lrs[label] = lr * (max(scales) if scales else 1.0)
+            rows.append(TimelineRow(epoch, row_frozen, trainable, lrs))
+        return rows
 
     def origin(self, i: int) -> str:
         return f"rule {i} ({self.rules[i].kind})"

@@ -1,7 +1,9 @@
 """Seeing a schedule's plan: a table of rows per epoch and a picture.
 
 :func:`timeline` evaluates a :class:`~layerfreeze.Schedule` at each epoch
-without touching the model; :func:`plot_timeline` draws it (groups x epochs,
+without touching the model (the rows come from the schedule itself,
+:meth:`~layerfreeze.Schedule.timeline`); :func:`plot_timeline`, with the same
+arguments and a path, draws them (groups x epochs,
 frozen or trainable, and the trainable-parameter count as a line).
 matplotlib is imported only inside :func:`plot_timeline`, and drawn with its
 Agg canvas directly, so no display and no global backend switch is needed.
@@ -9,39 +11,14 @@ Agg canvas directly, so no display and no global backend switch is needed.
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-from .errors import ArgumentError
-from .rules import as_int
-from .selectors import ModelIndex
-
-if TYPE_CHECKING:
-    from .schedule import Schedule
+from .schedule import Schedule, TimelineRow
 
 __all__ = ["TimelineRow", "format_timeline", "plot_timeline", "timeline"]
-
-
-@dataclass(frozen=True)
-class TimelineRow:
-    """The plan at one epoch.
-
-    Attributes:
-        epoch: the epoch.
-        frozen: labels of the schedule's groups that are wholly frozen.
-        trainable: trainable scalar parameters in the whole model.
-        lr: for each trainable group, its learning rate (base lr times its
-            scale); frozen groups are absent.
-    """
-
-    epoch: int
-    frozen: list[str]
-    trainable: int
-    lr: dict[str, float] = field(default_factory=dict)
 
 
 def timeline(
@@ -53,47 +30,21 @@ def timeline(
     steps_per_epoch: int | None = None,
     lr: float = 1.0,
 ) -> list[TimelineRow]:
-    """One :class:`TimelineRow` per epoch; see :meth:`Schedule.timeline`.
-
-    Parameters no rule governs count as they are now. The adaptive rule
-    contributes the state it recorded so far.
+    """One :class:`TimelineRow` per epoch: :meth:`Schedule.timeline
+    <layerfreeze.Schedule.timeline>`, as the table that :func:`plot_timeline`
+    (same arguments, and a path) draws.
 
     Raises:
         SelectorError: a rule's selector does not fit ``model``.
-        ArgumentError: ``epochs`` or ``steps_per_epoch`` is not positive
-            (also a ``ValueError``).
+        ArgumentError: ``epochs`` or ``steps_per_epoch`` is not positive.
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> [r.frozen for r in timeline(lf.Schedule().freeze("[0]", until_epoch=1), net, 2)]
+        [['[0]'], []]
     """
-    n = as_int(epochs)
-    if n is None or n < 1:
-        raise ArgumentError(f"epochs must be a positive int, got {epochs!r}")
-    epochs = n
-    if steps_per_epoch is not None:
-        k = as_int(steps_per_epoch)
-        if k is None or k < 1:
-            raise ArgumentError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
-        steps_per_epoch = k
-    first = as_int(start)
-    if first is None:
-        raise ArgumentError(f"start must be an int, got {start!r}")
-    start = first
-    index = ModelIndex(model)
-    groups = schedule.groups(index)
-    rows = []
-    for epoch in range(start, start + epochs):
-        step = None if steps_per_epoch is None else epoch * steps_per_epoch
-        plan = schedule.plan(index, epoch, step)
-        frozen = {n: plan.state.get(n, not p.requires_grad) for n, p in index.by_canonical.items()}
-        trainable = sum(p.numel() for n, p in index.by_canonical.items() if not frozen[n])
-        row_frozen = []
-        lrs = {}
-        for label, res in groups:
-            if res.params and all(frozen[n] for n in res.params):
-                row_frozen.append(label)
-            else:
-                scales = [plan.lr_scale.get(n, 1.0) for n in res.params if not frozen[n]]
-                lrs[label] = lr * (max(scales) if scales else 1.0)
-        rows.append(TimelineRow(epoch, row_frozen, trainable, lrs))
-    return rows
+    return schedule.timeline(model, epochs, start=start, steps_per_epoch=steps_per_epoch, lr=lr)
 
 
 def format_timeline(rows: list[TimelineRow], groups: list[str]) -> Any:
@@ -124,6 +75,7 @@ def plot_timeline(
     *,
     start: int = 0,
     steps_per_epoch: int | None = None,
+    lr: float = 1.0,
     title: str | None = None,
 ) -> Path:
     """Draw the plan as a PNG: groups x epochs, frozen or trainable, with the
@@ -140,6 +92,8 @@ def plot_timeline(
         path: where to write the PNG.
         start: the first epoch.
         steps_per_epoch: for step-based rules (see :meth:`Schedule.timeline`).
+        lr: the base learning rate (shading is relative, so it only matters
+            through the rows; as for :func:`timeline`).
         title: the figure title.
 
     Returns:
@@ -157,7 +111,7 @@ def plot_timeline(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    rows = timeline(schedule, model, epochs, start=start, steps_per_epoch=steps_per_epoch)
+    rows = timeline(schedule, model, epochs, start=start, steps_per_epoch=steps_per_epoch, lr=lr)
     labels = [label for label, _ in schedule.groups(model)]
     top = max((max(r.lr.values(), default=1.0) for r in rows), default=1.0) or 1.0
     # 0: frozen; (0, 1]: trainable, by lr relative to the largest
@@ -213,54 +167,3 @@ def plot_timeline(
     out = Path(path)
     fig.savefig(out, format="png")
     return out
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_plan_command(sub: Any) -> None:
-    """Register ``layerfreeze plan CONFIG --model TARGET --epochs N [--out plan.png]``."""
-    p = sub.add_parser(
-        "plan",
-        help="print a schedule's plan per epoch and draw it",
-        description="CONFIG is a .yaml/.yml, .toml or .json schedule; TARGET is package.module:attr or "
-        "path/file.py:attr (as for inspect).",
-    )
-    p.add_argument("config", metavar="CONFIG", help="schedule config file")
-    p.add_argument(
-        "--model", "-m", required=True, metavar="TARGET", help="package.module:attr or path/file.py:attr"
-    )
-    p.add_argument("--epochs", "-e", required=True, type=int, metavar="N", help="epochs to show")
-    p.add_argument("--start", type=int, default=0, metavar="E", help="first epoch (default 0)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="S", help="for step-based rules")
-    p.add_argument("--out", "-o", default=None, metavar="PNG", help="also write the picture here")
-    p.set_defaults(handler=run_plan)
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """The ``plan`` subcommand: print the timeline table, write the PNG."""
-    from rich.console import Console
-
-    from .cli import CliError, load_target
-    from .errors import LayerFreezeError
-    from .schedule import Schedule
-
-    if args.epochs < 1:
-        raise CliError(f"--epochs must be 1 or more, got {args.epochs}")
-    if not Path(args.config).is_file():
-        raise CliError(f"no such config file: {args.config}")
-    model = load_target(args.model)
-    try:
-        schedule = Schedule.from_file(args.config)
-        schedule.validate(model)
-        rows = timeline(schedule, model, args.epochs, start=args.start, steps_per_epoch=args.steps_per_epoch)
-    except (LayerFreezeError, ValueError, ImportError) as exc:
-        raise CliError("; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
-    console = Console(highlight=False)
-    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)]))
-    if args.out:
-        out = plot_timeline(
-            schedule, model, args.epochs, args.out, start=args.start, steps_per_epoch=args.steps_per_epoch
-        )
-        console.print(f"wrote {out}")
-    return 0
