@@ -260,9 +260,8 @@ class Guard:
                 groups.setdefault(e.words.device, []).append(e)
             self._devices = {}
             for device, entries in groups.items():
-                if _batched(device):
-                    # concatenation order: by dtype, as _total builds it
-                    entries = sorted(entries, key=lambda e: str(e.words.dtype))
+                # by dtype, so that _total concatenates words of one kind only
+                entries = sorted(entries, key=lambda e: str(e.words.dtype))
                 offsets, at = [], 0
                 for e in entries:
                     offsets.append(at)
@@ -276,41 +275,40 @@ class Guard:
 
     @staticmethod
     def _total(entries: list[_Entry]) -> torch.Tensor:
-        """The fingerprint of the entries' words laid end to end, in few kernels."""
-        if not _batched(entries[0].words.device):
-            # No copy on CPU: one pass per tensor over its own storage.
-            total = torch.zeros(2, dtype=torch.int64)
-            at = 0
-            for e in entries:
-                m = _moments(e.current())
-                total += torch.stack([m[0], m[1] + at * m[0]])
-                at += e.words.numel()
-            return total
+        """The fingerprint of the entries' words laid end to end, in few kernels.
+
+        Small tensors are concatenated (one short copy) and fingerprinted
+        together; on a CPU a large tensor is read in place, on an accelerator
+        everything goes through chunks of at most ``_CHUNK_BYTES`` (a small
+        model's step is bound by kernel launches there, not by bandwidth).
+        """
+        batched = _batched(entries[0].words.device)
         parts: list[torch.Tensor] = []
         starts: list[int] = []
-        at = 0
         chunk: list[torch.Tensor] = []
-        size = 0
-        dtype = None
+        state = {"at": 0, "chunk_at": 0, "size": 0}
 
         def flush() -> None:
-            nonlocal chunk, size, at
             if chunk:
-                merged = torch.cat(chunk)
-                starts.append(at)
-                parts.append(_moments(merged))
-                at += merged.numel()
-                chunk, size = [], 0
+                parts.append(_moments(torch.cat(chunk) if len(chunk) > 1 else chunk[0]))
+                starts.append(state["chunk_at"])
+                chunk.clear()
+                state["size"] = 0
 
         for e in entries:
             w = e.current()
-            if w.dtype != dtype:
+            if not batched and w.numel() > _SMALL:
                 flush()
-                dtype = w.dtype
-            chunk.append(w)
-            size += w.numel() * w.element_size()
-            if size >= _CHUNK_BYTES:
-                flush()
+                parts.append(_moments(w))
+                starts.append(state["at"])
+            else:
+                if chunk and (w.dtype != chunk[0].dtype or state["size"] >= _CHUNK_BYTES):
+                    flush()
+                if not chunk:
+                    state["chunk_at"] = state["at"]
+                chunk.append(w)
+                state["size"] += w.numel() * w.element_size()
+            state["at"] += w.numel()
         flush()
         m = torch.stack(parts)
         base = torch.tensor(starts, dtype=torch.int64, device=m.device)
