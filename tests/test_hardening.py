@@ -245,3 +245,40 @@ def test_no_control_flow_asserts_in_the_library() -> None:
         if isinstance(node, ast.Assert)
     ]
     assert found == []
+
+
+# --------------------------------------------------------------------------- guard through the Freezer
+
+
+def test_the_guard_names_the_step_after_which_a_frozen_value_changed() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt)
+    fz.freeze("fc2")
+    _step(net, opt)
+    _step(net, opt)
+    with torch.no_grad():
+        net.fc2.weight.copy_(net.fc2.weight.flip(0))  # a permutation, no value changed
+    with pytest.raises(lf.FrozenParameterChanged, match=r"fc2\.weight\. First seen by the check after optimizer "
+                       r"step 3\.") as info:
+        _step(net, opt)
+    assert info.value.step == 3 and info.value.names == ["fc2.weight"]
+
+
+def test_a_recorded_change_vetoes_the_next_freeze_change(monkeypatch) -> None:
+    """Where the verdict is read late (a GPU), a freeze change reads it first and changes nothing."""
+    from layerfreeze import guard as guard_mod
+
+    net = Net()
+    fz = lf.Freezer(net)
+    fz.freeze("fc2")
+    real = guard_mod.Guard.verdict
+    monkeypatch.setattr(guard_mod.Guard, "verdict", lambda self: None)
+    with torch.no_grad():
+        net.fc2.bias.add_(1)
+    fz.guard.observe(step=7)  # recorded, not read
+    monkeypatch.setattr(guard_mod.Guard, "verdict", real)
+    with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias. First seen by the check after optimizer step 7"):
+        fz.freeze("fc3")
+    assert net.fc3.weight.requires_grad  # the freeze did not happen
