@@ -282,3 +282,14 @@ def test_a_recorded_change_vetoes_the_next_freeze_change(monkeypatch) -> None:
     with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias. First seen by the check after optimizer step 7"):
         fz.freeze("fc3")
     assert net.fc3.weight.requires_grad  # the freeze did not happen
+
+
+def test_a_dropped_freezer_leaves_no_hook_on_the_optimizer() -> None:
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    before = (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks))
+    fz = lf.Freezer(net, opt, lf.Schedule().adaptive_freeze(["fc1", "fc2", "fc3"], check_every=2))
+    assert len(opt._optimizer_step_post_hooks) > before[1]
+    del fz
+    gc.collect()
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == before

@@ -179,7 +179,7 @@ class Freezer:
         if inner is not None:
             # the clock ticks first, so that every party sees this step's number
             tick = inner.register_step_post_hook(self._clock.tick)
-            weakref.finalize(self._clock, tick.remove)
+            weakref.finalize(self, tick.remove)
             self._tick = tick
         #: fingerprints of the frozen parameters, taken when they were frozen;
         #: verified after optimizer steps only when ``guard`` asks for it

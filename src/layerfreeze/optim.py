@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -73,6 +74,7 @@ class OptimizerSync:
         #: groups this object added: (canonical names, lr) in order, for checkpoints
         self.added: list[tuple[list[str], float]] = []
         self._pre_hook = optimizer.register_step_pre_hook(self._drop_stale_grads)
+        weakref.finalize(self, self._pre_hook.remove)  # dropped: detached too
 
     def remove(self) -> None:
         """Detach from the optimizer (the stale-grad pre-hook goes)."""
