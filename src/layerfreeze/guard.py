@@ -190,8 +190,15 @@ class _Device:
     entries: list[_Entry]
     offsets: list[int]  # each entry's first position in the device's word sequence
     then: torch.Tensor  # the reference fingerprint of that sequence
-    first: torch.Tensor  # the step of the first check that saw a difference, -1: none
+    first: torch.Tensor | int  # the step of the first check that saw a difference, -1: none
     pending: Any = None  # (pinned host copy of ``first``, CUDA event) of the last check
+    base: torch.Tensor | None = None  # start positions of _total's parts, cached
+
+    def reset(self) -> None:
+        # on a CPU the record is a plain int: there is no device to keep it on
+        self.first = -1 if self.then.device.type == "cpu" else torch.full((), -1, dtype=torch.int64,
+                                                                             device=self.then.device)
+        self.pending = None
 
 
 class Guard:
@@ -269,12 +276,12 @@ class Guard:
                 prints = torch.stack([e.print for e in entries])
                 starts = torch.tensor(offsets, dtype=torch.int64, device=device)
                 then = torch.stack([prints[:, 0].sum(), (prints[:, 1] + starts * prints[:, 0]).sum()])
-                first = torch.full((), -1, dtype=torch.int64, device=device)
-                self._devices[device] = _Device(entries, offsets, then, first)
+                self._devices[device] = _Device(entries, offsets, then, -1)
+                self._devices[device].reset()
         return self._devices
 
     @staticmethod
-    def _total(entries: list[_Entry]) -> torch.Tensor:
+    def _total(d: _Device) -> torch.Tensor:
         """The fingerprint of the entries' words laid end to end, in few kernels.
 
         Small tensors are concatenated (one short copy) and fingerprinted
@@ -282,6 +289,7 @@ class Guard:
         everything goes through chunks of at most ``_CHUNK_BYTES`` (a small
         model's step is bound by kernel launches there, not by bandwidth).
         """
+        entries = d.entries
         batched = _batched(entries[0].words.device)
         parts: list[torch.Tensor] = []
         starts: list[int] = []
@@ -310,9 +318,12 @@ class Guard:
                 state["size"] += w.numel() * w.element_size()
             state["at"] += w.numel()
         flush()
+        if len(parts) == 1:
+            return parts[0]
         m = torch.stack(parts)
-        base = torch.tensor(starts, dtype=torch.int64, device=m.device)
-        return torch.stack([m[:, 0].sum(), (m[:, 1] + base * m[:, 0]).sum()])
+        if d.base is None or d.base.numel() != len(starts):
+            d.base = torch.tensor(starts, dtype=torch.int64, device=m.device)
+        return torch.stack([m[:, 0].sum(), (m[:, 1] + d.base * m[:, 0]).sum()])
 
     def _sync_entries(self) -> None:
         current = self._frozen()
@@ -336,13 +347,11 @@ class Guard:
         """
         self._sync_entries()
         self._observed += 1
-        at = -2 if step is None else int(step)
         read = False
         for device, d in self._grouped().items():
-            bad = (self._total(d.entries) != d.then).any()
-            d.first = torch.where((d.first < 0) & bad, torch.full((), at, dtype=torch.int64, device=device), d.first)
-            if device.type == "cpu":
-                read = True
+            self._record(d, step)
+            if isinstance(d.first, int):
+                read = read or d.first != -1
             elif device.type == "cuda":
                 read = read or self._arrived(d)
                 host = torch.empty((), dtype=torch.int64, pin_memory=True)
@@ -352,6 +361,18 @@ class Guard:
                 d.pending = (host, event)
         if read or (self.read_every and self._observed % self.read_every == 0):
             self.verdict()
+
+    def _record(self, d: _Device, step: int | None) -> None:
+        """Compare ``d``'s parameters with the reference; remember the first step that differs."""
+        at = -2 if step is None else int(step)
+        total = self._total(d)
+        if isinstance(d.first, int):  # a CPU: comparing costs no round trip
+            if d.first == -1 and not torch.equal(total, d.then):
+                d.first = at
+            return
+        bad = (total != d.then).any()
+        d.first = torch.where((d.first < 0) & bad, torch.full((), at, dtype=torch.int64, device=d.then.device),
+                              d.first)
 
     @staticmethod
     def _arrived(d: _Device) -> bool:
@@ -377,8 +398,7 @@ class Guard:
             return
         changed: list[str] = []
         for device, d in self._devices.items():
-            d.first = torch.full((), -1, dtype=torch.int64, device=device)
-            d.pending = None
+            d.reset()
             if steps[device] != -1:
                 changed += [e.name for e in d.entries if not torch.equal(_moments(e.current()), e.print)]
         for e in list(self._entries.values()):
@@ -407,10 +427,7 @@ class Guard:
         """
         self._sync_entries()
         for d in self._grouped().values():
-            bad = (self._total(d.entries) != d.then).any()
-            at = -2 if step is None else int(step)
-            d.first = torch.where((d.first < 0) & bad, torch.full((), at, dtype=torch.int64, device=d.then.device),
-                                  d.first)
+            self._record(d, step)
         self.verdict()
 
 
