@@ -16,6 +16,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -105,6 +106,7 @@ def _import_target_module(spec: str) -> Any:
             sys.modules.pop(mod_name, None)
             raise CliError(f"running {spec} failed: {type(exc).__name__}: {_one_line(exc)}") from None
         return module
+    _current_folder_importable()
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
@@ -113,11 +115,21 @@ def _import_target_module(spec: str) -> Any:
         raise CliError(f"importing {spec!r} failed: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
+def _current_folder_importable() -> None:
+    # `python -m` puts the current folder first on sys.path; a console script
+    # puts its own bin folder there instead, so `--model mymodel:build` run
+    # next to mymodel.py would not import. Do what `python -m` does.
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_target(target: str) -> nn.Module:
     """Turn ``package.module:attr`` or ``path/file.py:attr`` into a model.
 
     A class is instantiated with no arguments, a function is called with
     none, and an ``nn.Module`` instance is used as is. ``attr`` may be dotted.
+    As with ``python -m``, modules in the current folder can be imported.
 
     Raises:
         CliError: the target is malformed, cannot be imported, has no such
@@ -229,10 +241,13 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="layerfreeze",
         description="Freeze and unfreeze chosen layers of a PyTorch model during training.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(sub)

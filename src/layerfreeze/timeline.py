@@ -32,14 +32,24 @@ class TimelineRow:
         epoch: the epoch.
         frozen: labels of the schedule's groups that are wholly frozen.
         trainable: trainable scalar parameters in the whole model.
-        lr: for each trainable group, its learning rate (base lr times its
-            scale); frozen groups are absent.
+        lr: for each trainable group, ``base_lr`` times the group's lr
+            scale; frozen groups are absent. With the default ``base_lr`` of
+            1.0 these are relative factors (1.0, 0.7, 0.49 ...), not
+            learning rates: pass ``lr=`` to :meth:`Schedule.timeline` for
+            learning rates, or read :attr:`lr_scale`.
+        base_lr: the base learning rate the ``lr`` values are relative to.
     """
 
     epoch: int
     frozen: list[str]
     trainable: int
     lr: dict[str, float] = field(default_factory=dict)
+    base_lr: float = 1.0
+
+    @property
+    def lr_scale(self) -> dict[str, float]:
+        """For each trainable group, its lr as a factor of the base lr."""
+        return {k: v / self.base_lr for k, v in self.lr.items()}
 
 
 def timeline(
@@ -58,8 +68,10 @@ def timeline(
 
     Raises:
         SelectorError: a rule's selector does not fit ``model``.
-        ValueError: ``epochs`` or ``steps_per_epoch`` is not positive.
+        ValueError: ``epochs``, ``steps_per_epoch`` or ``lr`` is not positive.
     """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr (the base learning rate) must be a positive number, got {lr!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if steps_per_epoch is not None and (
@@ -82,28 +94,72 @@ def timeline(
             else:
                 scales = [plan.lr_scale.get(n, 1.0) for n in res.params if not frozen[n]]
                 lrs[label] = lr * (max(scales) if scales else 1.0)
-        rows.append(TimelineRow(epoch, row_frozen, trainable, lrs))
+        rows.append(TimelineRow(epoch, row_frozen, trainable, lrs, lr))
     return rows
 
 
-def format_timeline(rows: list[TimelineRow], groups: list[str]) -> Any:
-    """The rows as a rich table (``rich`` is imported here)."""
+def format_timeline(rows: list[TimelineRow], groups: list[str], *, width: int | None = None) -> Any:
+    """The rows as a rich table (``rich`` is imported here).
+
+    Each group is a column; a cell says ``frozen`` or gives the group's lr
+    (the rows' ``lr``: a factor of the base lr unless a base lr was given).
+    When the full group labels would make the table wider than ``width``
+    columns, the columns are headed ``g0``, ``g1``, ... and the caption
+    says which label each stands for.
+
+    Args:
+        rows: from :func:`timeline`.
+        groups: the group labels, in column order.
+        width: the width to fit (None: never abbreviate).
+
+    Returns:
+        rich.table.Table: the table.
+
+    Raises:
+        ImportError: rich is not installed (``pip install 'layerfreeze[report]'``).
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> from layerfreeze.timeline import format_timeline
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> s = lf.Schedule().freeze("[0]", until_epoch=1)
+        >>> format_timeline(s.timeline(net, 2), ["[0]"], width=80).row_count
+        2
+    """
+    from ._optional import require
+
+    require("rich", "report", "the plan table")
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="freeze plan", show_lines=False)
-    table.add_column("epoch", justify="right")
-    table.add_column("trainable", justify="right")
-    for label in groups:
-        table.add_column(label, justify="center")
-    for row in rows:
-        cells = []
-        for label in groups:
-            if label in row.frozen:
-                cells.append("[dim]frozen[/dim]")
-            else:
-                cells.append(f"[green]{row.lr.get(label, 1.0):.3g}[/green]")
-        table.add_row(str(row.epoch), f"{row.trainable:,}", *cells)
-    return table
+    base = rows[0].base_lr if rows else 1.0
+    what = "lr factor (x base lr)" if base == 1.0 else f"lr (base lr {base:g})"
+
+    def build(headers: list[str], legend: str) -> Table:
+        table = Table(
+            title="freeze plan", caption=f"cells: {what} or frozen{legend}", caption_justify="left", show_lines=False
+        )
+        table.add_column("epoch", justify="right")
+        table.add_column("trainable", justify="right")
+        for header in headers:
+            table.add_column(header, justify="center", no_wrap=True)
+        for row in rows:
+            cells = []
+            for label in groups:
+                if label in row.frozen:
+                    cells.append("[dim]frozen[/dim]")
+                else:
+                    cells.append(f"[green]{row.lr.get(label, base):.3g}[/green]")
+            table.add_row(str(row.epoch), f"{row.trainable:,}", *cells)
+        return table
+
+    table = build(list(groups), "")
+    if width is None or Console(width=10_000).measure(table).maximum <= width:
+        return table
+    keys = [f"g{i}" for i in range(len(groups))]
+    # no space inside an entry, so the caption wraps only between entries
+    legend = "; " + ", ".join(f"{k}={label}" for k, label in zip(keys, groups, strict=True))
+    return build(keys, legend)
 
 
 def plot_timeline(
@@ -135,6 +191,10 @@ def plot_timeline(
     Returns:
         The path written.
 
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed; the message says
+            ``pip install 'layerfreeze[report]'``.
+
     Example:
         >>> import tempfile, torch.nn as nn, layerfreeze as lf
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
@@ -142,6 +202,9 @@ def plot_timeline(
         >>> lf.plot_timeline(s, net, epochs=4, path=tempfile.mkdtemp() + "/plan.png").suffix
         '.png'
     """
+    from ._optional import require
+
+    require("matplotlib", "report", "lf.plot_timeline")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -247,7 +310,8 @@ def run_plan(args: argparse.Namespace) -> int:
     except (LayerFreezeError, ValueError, ImportError) as exc:
         raise CliError("; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
     console = Console(highlight=False)
-    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)]))
+    groups = [label for label, _ in schedule.groups(model)]
+    console.print(format_timeline(rows, groups, width=console.width))
     if args.out:
         out = plot_timeline(
             schedule, model, args.epochs, args.out, start=args.start, steps_per_epoch=args.steps_per_epoch
