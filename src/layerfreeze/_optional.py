@@ -7,7 +7,7 @@ Example:
     >>> require("no_such_module_here", "report", "the plan picture")
     Traceback (most recent call last):
     ...
-    ModuleNotFoundError: the plan picture needs no_such_module_here, which is not installed: pip install 'layerfreeze[report]'
+    layerfreeze._optional.MissingDependency: the plan picture needs no_such_module_here, which is not installed: pip install 'layerfreeze[report]'
 """
 
 from __future__ import annotations
