@@ -35,7 +35,10 @@ def test_gradual_unfreeze_example_follows_its_plan(tmp_path):
     out = _run("gradual_unfreeze.py", str(tmp_path / "plan.png"))
     counts = [int(c.replace(",", "")) for c in re.findall(r"^epoch \d: loss [\d.]+, trainable ([\d,]+)", out, re.M)]
     assert counts == [17, 17, 321, 625, 929, 1233, 1233]
-    assert "epoch 4: trainable   929  frozen 1 blocks  [1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "epoch 4: trainable   929  frozen 1 block   [1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "epoch 3: trainable   625  frozen 2 blocks  [2: 0.70, 3: 1.00]" in out
+    assert "epoch 5: trainable 1,233  frozen 0 blocks  [0: 0.34, 1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "lr factors" in out
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

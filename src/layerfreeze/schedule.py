@@ -294,7 +294,7 @@ class Schedule:
 
         Returns:
             list[TimelineRow]: epoch, frozen group labels, trainable
-            parameter count, lr per trainable group.
+            parameter count, lr per trainable group (``lr`` times its scale: factors when ``lr`` is 1.0).
 
         Example:
             >>> import torch.nn as nn, layerfreeze as lf
