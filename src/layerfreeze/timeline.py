@@ -294,12 +294,15 @@ def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` subcommand: print the timeline table, write the PNG."""
     from rich.console import Console
 
+    from ._optional import require
     from .cli import CliError, load_target
     from .errors import LayerFreezeError
     from .schedule import Schedule
 
     if args.epochs < 1:
         raise CliError(f"--epochs must be 1 or more, got {args.epochs}")
+    if args.out:
+        require("matplotlib", "report", "layerfreeze plan --out")
     if not Path(args.config).is_file():
         raise CliError(f"no such config file: {args.config}")
     model = load_target(args.model)
