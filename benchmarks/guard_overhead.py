@@ -21,7 +21,10 @@ For each case the same model, optimizer and data are timed two ways:
 Absolute times are written too, but only the ratios compare across machines.
 
 Run: python benchmarks/guard_overhead.py [--pairs N] [--rounds N] [--steps N] [--cases seed minilm]
-Writes benchmarks/results/guard_overhead.json.
+[--quick] [--out DIR]
+Writes DIR/guard_overhead-<machine>-<YYYYMMDD>.json (DIR: benchmarks/out/, ignored by git).
+The README's figures are in benchmarks/results/, copied there by hand. A ``--quick``
+run is marked ``"comparable": false``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +45,8 @@ from torch import nn
 import layerfreeze as lf
 from layerfreeze.guard import Guard
 
-RESULTS = Path(__file__).resolve().parent / "results" / "guard_overhead.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
 
 #: what each case's weights were, for the results file
 NOTES: dict[str, str] = {}
@@ -187,10 +192,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of Freezer vs no-Freezer blocks")
     parser.add_argument("--steps", type=int, default=0, help="steps per block (default: per case)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few pairs and rounds; its figures are marked not comparable")
+    parser.add_argument("--out", type=Path, default=OUT, metavar="DIR", help="where to write (default: benchmarks/out/)")
+    parser.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     builders = {"seed": (seed_case, 1000, 200), "minilm": (minilm_case, 30, 3)}
+    if args.quick:
+        builders = {"seed": (seed_case, 50, 20), "minilm": (minilm_case, 4, 2)}
+        args.rounds = min(args.rounds, 2)
+        say_if_quick(True)
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -212,9 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"a guard check is {res['median_guard_check_s'] / res['median_step_s']['guard_off']:.1%} of a step "
             f"({res['frozen_params']:,} frozen params)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    mark(results, args.quick)
+    say_if_quick(args.quick)
+    path = out_stem(args.out, "guard_overhead", args.machine or machine_tag(device)).with_suffix(".json")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
     return results
 
 
