@@ -144,7 +144,7 @@ class Schedule:
 
         Args:
             groups: a container selector or a list of selectors, bottom first.
-            start, end: fractions of training, ``0 <= start <= end <= 1``.
+            start: the training fraction at which the bottom group freezes; ``end``: at which the top one does (``0 <= start <= end <= 1``).
             total_epochs: training length in epochs, or
             total_steps: in steps (give exactly one).
             mode: see :func:`layerfreeze.freeze`.
