@@ -437,8 +437,8 @@ def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them(mo
     lin = nn.Linear(6, 5)
     cached = frozen_cached(nn.Sequential(lin))
     x = torch.randn(300, 6)
-    with torch.no_grad():
-        ref = lin(x)
+    with torch.no_grad():  # in the batches the cache computes them: a 300-row matmul may round differently
+        ref = torch.cat([lin(x[i:i + 50]) for i in range(0, 300, 50)])
     store = cached.__dict__["_lf_cache"].memory
     cached(x[:50])
     first = [t.data_ptr() for t in next(iter(store.chunks.values()))[0]]
