@@ -337,7 +337,7 @@ def test_disk_bound_stops_storing_with_a_warning(tmp_path):
 _CHILD = """
 import json, sys, torch, layerfreeze as lf
 from torch import nn
-torch.manual_seed(0)
+torch.manual_seed(int(__import__("os").environ.get("LAYERFREEZE_TEST_SEED_OFFSET", "0")))  # the parent's seed 0, shifted as conftest shifts it
 net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
 if sys.argv[2] == "changed":
     with torch.no_grad():
