@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -- create .venv if missing, install, run `layerfreeze demo`
-#   make test   -- create .venv if missing, install, run ruff, mypy and the test suite
+#   make test   -- create .venv if missing, install, run ruff, mypy, the strict docs build
+#                  and the test suite (the wheel check alone: .venv/bin/python -m pytest -m wheel)
+#   make docs   -- build the documentation site into build/site (warnings are errors)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 # machines 2.13.0 is a local CPU build, any other version is a large download.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +26,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/mypy src
 
-test: lint
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+test: lint docs
 	$(PY) -m pytest
 
 clean:

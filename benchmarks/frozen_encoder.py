@@ -30,7 +30,9 @@ CUDA; the JSON's ``memory_method`` says exactly how), how far
 ``frozen`` peaks is the cache's own feature bytes.
 
 Run:  PYTHONPATH=src python3 benchmarks/frozen_encoder.py [--device cuda] [--quick] [--out DIR]
-Writes DIR/frozen_encoder[_cuda].json and .png (DIR: benchmarks/results).
+Writes DIR/frozen_encoder-<machine>-<YYYYMMDD>.json and .png (DIR: benchmarks/out/, ignored
+by git). The README's figures are in benchmarks/results/, copied there by hand.
+A ``--quick`` run is marked ``"comparable": false``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
 
 MODES = ("floor", "cached", "frozen", "full")
 WORDS = (
@@ -365,7 +370,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="small run (fewer samples and rounds)")
+    p.add_argument("--quick", action="store_true",
+                   help="small run (fewer samples and rounds); its figures are marked not comparable")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=None)
@@ -373,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory child processes")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
+    p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -383,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         print(json.dumps(memory_child(args)))
         return {}
+    say_if_quick(args.quick)
 
     device = torch.device(args.device)
     encoder, tok, weights = load_encoder(args.random_weights)
@@ -464,14 +472,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mem["cached"]["peak_bytes"] - in_peak - mem["frozen"]["peak_bytes"],
         }
     result["goals"] = goals
+    mark(result, args.quick)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "frozen_encoder" + ("_cuda" if cuda else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / f"{stem}.png")
-    print(json.dumps({"ratios": r, "goals": goals}, indent=2))
-    print(f"wrote {out / stem}.json and .png")
+    stem = out_stem(args.out, "frozen_encoder", args.machine or machine_tag(args.device))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, stem.with_suffix(".png"))
+    print(json.dumps({"ratios": r, "goals": goals, "comparable": result["comparable"]}, indent=2))
+    say_if_quick(args.quick)
+    print(f"wrote {stem}.json and .png")
     return result
 
 

@@ -21,8 +21,10 @@ For each case the same model, optimizer and data are timed two ways:
 Absolute times are written too, but only the ratios compare across machines.
 
 Run: python benchmarks/guard_overhead.py [--pairs N] [--rounds N] [--steps N] [--cases seed minilm]
-[--out DIR] [--quick]. Writes DIR/guard_overhead.json (default benchmarks/out/); committed figures
-are copied from there into benchmarks/results/ on purpose.
+[--quick] [--out DIR]
+Writes DIR/guard_overhead-<machine>-<YYYYMMDD>.json (DIR: benchmarks/out/, ignored by git).
+The README's figures are in benchmarks/results/, copied there by hand. A ``--quick``
+run is marked ``"comparable": false``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +45,8 @@ from torch import nn
 import layerfreeze as lf
 from layerfreeze.guard import Guard
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
 
 #: what each case's weights were, for the results file
 NOTES: dict[str, str] = {}
@@ -199,13 +203,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of Freezer vs no-Freezer blocks")
     parser.add_argument("--steps", type=int, default=0, help="steps per block (default: per case)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder for guard_overhead.json")
-    parser.add_argument("--quick", action="store_true", help="few pairs and rounds: not comparable with the goals")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few pairs and rounds; its figures are marked not comparable")
+    parser.add_argument("--out", type=Path, default=OUT, metavar="DIR", help="where to write (default: benchmarks/out/)")
+    parser.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.rounds, args.steps = args.pairs or 6, min(args.rounds, 2), args.steps or 2
     torch.manual_seed(0)
     builders = {"seed": (seed_case, 1000, 200), "minilm": (minilm_case, 30, 3)}
+    if args.quick:
+        builders = {"seed": (seed_case, 50, 20), "minilm": (minilm_case, 4, 2)}
+        args.rounds = min(args.rounds, 2)
+        say_if_quick(True)
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -229,11 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({res['ratio_guard_check_vs_plain_sum']:.2f}x a plain sum of the same words) "
             f"({res['frozen_params']:,} frozen params)"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "guard_overhead.json"
+    mark(results, args.quick)
+    say_if_quick(args.quick)
+    path = out_stem(args.out, "guard_overhead", args.machine or machine_tag(device)).with_suffix(".json")
     path.write_text(json.dumps(results, indent=2) + "\n")
-    if args.quick:
-        print("quick run: these figures are not comparable with the goals")
     print(f"wrote {path}")
     return results
 

@@ -62,7 +62,7 @@ def train(backend: str) -> None:
         dist.all_gather(gathered, flat)
         same = all(torch.equal(gathered[0], t) for t in gathered[1:])
         if rank == 0:
-            print(f"epoch {epoch}: loss {loss.item():.4f}, trainable {lf.count_parameters(net).trainable}, "
+            print(f"epoch {epoch}: loss {loss.item():.4f}, trainable {lf.count_parameters(net).trainable:,}, "
                   f"ranks bitwise identical: {same}")
         if not same:
             raise SystemExit("ranks diverged")

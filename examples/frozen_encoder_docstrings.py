@@ -11,16 +11,19 @@ train it, from the same start on the same batches:
   ``model.encoder = lf.cache(model.encoder)``. The training loop is unchanged;
   the encoder runs once per sample, then its outputs are looked up.
 
-Prints accuracy and epoch time per mode as a table and writes a bar chart.
-The code of the three modes is in ``layerfreeze.demos.encoder.run``;
-``layerfreeze demo encoder`` runs a shorter version.
+Shows progress bars while it trains, prints accuracy and epoch time per mode
+as a table and writes a bar chart into the folder ``--out`` names (default
+``outputs/``). The code of the three modes is in
+``layerfreeze.demos.encoder.run``; ``layerfreeze demo encoder`` runs a shorter
+version.
 
-Run: python examples/frozen_encoder_docstrings.py [--per-module 60] [--epochs 4] [--png PATH]
+Run: python examples/frozen_encoder_docstrings.py [--per-module 60] [--epochs 4] [--seq 64] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from layerfreeze.demos.encoder import MODULES, report, run
 
@@ -29,12 +32,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--per-module", type=int, default=60, help="docstring paragraphs per module")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--png", default="frozen_encoder_docstrings.png")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sample")
+    p.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
+                   help="folder for the chart (default: outputs/)")
     args = p.parse_args()
-    results = run(per_module=args.per_module, epochs=args.epochs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "frozen_encoder_docstrings.png"
+    print(f"the chart will be written to {png}", flush=True)
+    results = run(per_module=args.per_module, epochs=args.epochs, seq=args.seq, progress=True)
     title = (f"MiniLM + head, {len(MODULES)} stdlib modules x {args.per_module} docstring paragraphs, "
              f"{args.epochs} epochs (CPU)")
-    report(results, title, args.png)
+    report(results, title, str(png))
 
 
 if __name__ == "__main__":

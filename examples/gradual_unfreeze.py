@@ -49,10 +49,11 @@ def main(out: Path) -> None:
     model = Model()
     schedule = lf.Schedule().gradual_unfreeze("encoder.layer", start_epoch=2, lr_decay=0.7)
 
-    print("the plan (lr relative to the head's):")
+    print("the plan (lr factors: each block's lr relative to the head's):")
     for row in schedule.timeline(model, epochs=7):
-        lrs = ", ".join(f"{name.rsplit('.', 1)[1]}: {lr:.2f}" for name, lr in row.lr.items())
-        print(f"  epoch {row.epoch}: trainable {row.trainable:5,}  frozen {len(row.frozen)} blocks  [{lrs}]")
+        lrs = ", ".join(f"{name.rsplit('.', 1)[1]}: {f:.2f}" for name, f in row.lr_scale.items())
+        blocks = f"{len(row.frozen)} block{'' if len(row.frozen) == 1 else 's'}"
+        print(f"  epoch {row.epoch}: trainable {row.trainable:5,}  frozen {blocks:8}  [{lrs}]")
 
     # the optimizer starts with the head only; the Freezer registers the
     # encoder blocks at their own lr (frozen ones are skipped by AdamW)

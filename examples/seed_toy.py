@@ -35,7 +35,7 @@ for epoch in range(1, 10):
     unchanged = all(torch.equal(p, q) for p, q in zip(net.fc2.parameters(), pretrained, strict=True))
     (held_epochs if unchanged else moved_epochs).append(epoch)
     print("-" * 60)
-    print(f"epoch {epoch}: trainable parameters {lf.count_parameters(net).trainable}, loss {loss.item():.4f}")
+    print(f"epoch {epoch}: trainable parameters {lf.count_parameters(net).trainable:,}, loss {loss.item():.4f}")
     print("fc2.weight", net.fc2.weight.detach())
     print("fc2.bias  ", net.fc2.bias.detach())
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,18 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
+
+# LAYERFREEZE_TEST_SEED_OFFSET=N shifts every torch.manual_seed(s) made in this
+# process to s + N: the suite must pass with other random draws, not only with
+# the ones its seeds happen to give.
+_SEED_OFFSET = int(os.environ.get("LAYERFREEZE_TEST_SEED_OFFSET", "0"))
+if _SEED_OFFSET:
+    _manual_seed = torch.manual_seed
+
+    def _offset_manual_seed(seed: int) -> torch.Generator:
+        return _manual_seed(int(seed) + _SEED_OFFSET)
+
+    torch.manual_seed = _offset_manual_seed  # type: ignore[assignment]
 
 
 class Net(nn.Module):

@@ -337,7 +337,7 @@ def test_disk_bound_stops_storing_with_a_warning(tmp_path):
 _CHILD = """
 import json, sys, torch, layerfreeze as lf
 from torch import nn
-torch.manual_seed(0)
+torch.manual_seed(int(__import__("os").environ.get("LAYERFREEZE_TEST_SEED_OFFSET", "0")))  # the parent's seed 0, shifted as conftest shifts it
 net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
 if sys.argv[2] == "changed":
     with torch.no_grad():
@@ -437,8 +437,8 @@ def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them(mo
     lin = nn.Linear(6, 5)
     cached = frozen_cached(nn.Sequential(lin))
     x = torch.randn(300, 6)
-    with torch.no_grad():
-        ref = lin(x)
+    with torch.no_grad():  # in the batches the cache computes them: a 300-row matmul may round differently
+        ref = torch.cat([lin(x[i:i + 50]) for i in range(0, 300, 50)])
     store = cached.__dict__["_lf_cache"].memory
     cached(x[:50])
     first = [t.data_ptr() for t in next(iter(store.chunks.values()))[0]]

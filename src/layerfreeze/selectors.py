@@ -374,7 +374,7 @@ def _as_list(selectors: object) -> list[object]:
 
 
 def _match_one(
-    index: ModelIndex, selector: object, origin: str
+    index: ModelIndex, selector: object, origin: str | None
 ) -> tuple[list[str], list[str]]:
     try:
         matcher = _compile(selector)
@@ -402,7 +402,7 @@ def resolve(
     selectors: Sequence[object],
     exclude: object = (),
     *,
-    origin: str = "argument",
+    origin: str | None = None,
     default_all: bool = True,
 ) -> Resolution:
     """Resolve selectors (and exclusions) against a model.
@@ -412,7 +412,9 @@ def resolve(
         selectors: selectors; no selector means the whole model when
             ``default_all`` is true; an explicit empty list selects nothing.
         exclude: a selector or sequence of selectors to take back out.
-        origin: how to name the selectors' source in errors.
+        origin: how to name the selectors' source in errors (e.g. a rule or
+            a command-line option); None names only the selector, and its
+            position (``selector 2 of 3``) when there are several.
 
     Raises:
         SelectorError: a selector is malformed or matches nothing, or
@@ -433,7 +435,10 @@ def resolve(
             return Resolution(params=[], modules=[])
         module_roots = [""]
     for i, sel in enumerate(items, start=1):
-        where = f"{origin} {i}" if len(items) > 1 else origin
+        if len(items) == 1:
+            where = origin
+        else:
+            where = f"selector {i} of {len(items)}" if origin is None else f"{origin} {i}"
         mods, params = _match_one(index, sel, where)
         module_roots.extend(mods)
         picked_params.update(params)

@@ -47,24 +47,68 @@ def timeline(
     return schedule.timeline(model, epochs, start=start, steps_per_epoch=steps_per_epoch, lr=lr)
 
 
-def format_timeline(rows: list[TimelineRow], groups: list[str]) -> Any:
-    """The rows as a rich table (``rich`` is imported here)."""
+def format_timeline(rows: list[TimelineRow], groups: list[str], *, width: int | None = None) -> Any:
+    """The rows as a rich table (``rich`` is imported here).
+
+    Each group is a column; a cell says ``frozen`` or gives the group's lr
+    (the rows' ``lr``: a factor of the base lr unless a base lr was given).
+    When the full group labels would make the table wider than ``width``
+    columns, the columns are headed ``g0``, ``g1``, ... and the caption
+    says which label each stands for.
+
+    Args:
+        rows: from :func:`timeline`.
+        groups: the group labels, in column order.
+        width: the width to fit (None: never abbreviate).
+
+    Returns:
+        rich.table.Table: the table.
+
+    Raises:
+        ImportError: rich is not installed (``pip install 'layerfreeze[report]'``).
+
+    Example:
+        >>> import torch.nn as nn, layerfreeze as lf
+        >>> from layerfreeze.timeline import format_timeline
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> s = lf.Schedule().freeze("[0]", until_epoch=1)
+        >>> format_timeline(s.timeline(net, 2), ["[0]"], width=80).row_count
+        2
+    """
+    from ._optional import require
+
+    require("rich", "report", "the plan table")
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="freeze plan", show_lines=False)
-    table.add_column("epoch", justify="right")
-    table.add_column("trainable", justify="right")
-    for label in groups:
-        table.add_column(label, justify="center")
-    for row in rows:
-        cells = []
-        for label in groups:
-            if label in row.frozen:
-                cells.append("[dim]frozen[/dim]")
-            else:
-                cells.append(f"[green]{row.lr.get(label, 1.0):.3g}[/green]")
-        table.add_row(str(row.epoch), f"{row.trainable:,}", *cells)
-    return table
+    base = rows[0].base_lr if rows else 1.0
+    what = "lr factor (x base lr)" if base == 1.0 else f"lr (base lr {base:g})"
+
+    def build(headers: list[str], legend: str) -> Table:
+        table = Table(
+            title="freeze plan", caption=f"cells: {what} or frozen{legend}", caption_justify="left", show_lines=False
+        )
+        table.add_column("epoch", justify="right")
+        table.add_column("trainable", justify="right")
+        for header in headers:
+            table.add_column(header, justify="center", no_wrap=True)
+        for row in rows:
+            cells = []
+            for label in groups:
+                if label in row.frozen:
+                    cells.append("[dim]frozen[/dim]")
+                else:
+                    cells.append(f"[green]{row.lr.get(label, base):.3g}[/green]")
+            table.add_row(str(row.epoch), f"{row.trainable:,}", *cells)
+        return table
+
+    table = build(list(groups), "")
+    if width is None or Console(width=10_000).measure(table).maximum <= width:
+        return table
+    keys = [f"g{i}" for i in range(len(groups))]
+    # no space inside an entry, so the caption wraps only between entries
+    legend = "; " + ", ".join(f"{k}={label}" for k, label in zip(keys, groups, strict=True))
+    return build(keys, legend)
 
 
 def plot_timeline(
@@ -99,6 +143,10 @@ def plot_timeline(
     Returns:
         The path written.
 
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed; the message says
+            ``pip install 'layerfreeze[report]'``.
+
     Example:
         >>> import tempfile, torch.nn as nn, layerfreeze as lf
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
@@ -106,6 +154,9 @@ def plot_timeline(
         >>> lf.plot_timeline(s, net, epochs=4, path=tempfile.mkdtemp() + "/plan.png").suffix
         '.png'
     """
+    from ._optional import require
+
+    require("matplotlib", "report", "lf.plot_timeline")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure

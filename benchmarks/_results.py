@@ -1,0 +1,49 @@
+"""Where benchmark results go, and how they are named.
+
+A run writes to ``--out DIR`` (default ``benchmarks/out/``, ignored by git) as
+``<name>-<machine>-<YYYYMMDD>.json`` (and ``.png``). The figures the README
+quotes live in ``benchmarks/results/`` under the same names, copied there by
+hand on purpose, so a run never overwrites them. A ``--quick`` run is marked
+``"comparable": false``: its figures are not comparable with the goals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "out"
+QUICK_NOTE = "quick run: figures are NOT comparable with the goals or the committed results"
+
+
+def machine_tag(device: str | torch.device = "cpu") -> str:
+    """A short machine name: ``cpu<threads>`` or the GPU's model (``h100``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return f"cpu{torch.get_num_threads()}"
+    name = torch.cuda.get_device_name(dev).lower()
+    known = re.search(r"\b([abhlt]\d{2,3}|v100|rtx\s?\d{4})\b", name)
+    return re.sub(r"[^a-z0-9]+", "", known.group(1)) if known else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def out_stem(out_dir: str | Path, name: str, machine: str) -> Path:
+    """``out_dir/<name>-<machine>-<YYYYMMDD>`` (no suffix); creates ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}-{machine}-{datetime.date.today():%Y%m%d}"
+
+
+def mark(result: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Set ``result["comparable"]``: false for a quick run."""
+    result["comparable"] = not quick
+    return result
+
+
+def say_if_quick(quick: bool) -> None:
+    """Print that a quick run's figures are not comparable (at the start and the end of a run)."""
+    if quick:
+        print(QUICK_NOTE, flush=True)
