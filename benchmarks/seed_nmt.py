@@ -12,8 +12,10 @@ and pads each batch to its longest sentence (``attention_mask`` goes to the
 encoder), as Hugging Face collators and NMT bucketing do.
 
 Modes, each with its own copy of the model (same initial weights), trained in
-one process with the order rotated every round so machine noise hits all
-modes alike:
+one process: the modes take turns step by step, the order rotated every step,
+so bursts of load from other processes hit all modes alike (each step is timed
+from loading its batch to the end of the optimizer step; each mode keeps its
+own random stream, so dropout is the same in every mode whatever the order):
 
 * ``vanilla``: the NMT alone, no MiniLM (the cost any fused model adds to).
 * ``floor``: hand-written: MiniLM's outputs computed once per sentence before
@@ -290,28 +292,49 @@ class Run:
         index = torch.where(pos[None, :] < self.lengths[idx][:, None], index, len(self.flat) - 1)
         return self.flat[index]
 
-    def epoch(self, epoch: int) -> tuple[float, list[float]]:
-        """Train one epoch; returns its seconds and the loss of each step."""
+    def start(self, epoch: int) -> None:
+        """Begin an epoch: modes, the epoch's shuffle, and this mode's own dropout stream."""
         self.model.train()
         if self.mode in ("floor", "frozen"):
             assert self.model.encoder is not None
             self.model.encoder.eval()
         torch.manual_seed(2000 + epoch)  # the same dropout masks in every mode with the same model
-        losses = []
+        self.rng = rng_state(self.device)
+        self.batches = iter(loader(self.corpus, self.size.batch, epoch))
+        self.losses: list[torch.Tensor] = []
+
+    def step(self) -> float:
+        """Train on the epoch's next batch; returns the seconds it took (loading the batch included)."""
+        set_rng_state(self.device, self.rng)  # modes take turns: each keeps its own random stream
         sync(self.device)
         t = time.perf_counter()
-        for batch in loader(self.corpus, self.size.batch, epoch):
-            b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            feats = self.floor_features(b["idx"], b["input_ids"].shape[1]) if self.mode == "floor" else None
-            logits = self.model(b["input_ids"], b["attention_mask"], b["tgt_in"], features=feats)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=PAD)
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        b = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        feats = self.floor_features(b["idx"], b["input_ids"].shape[1]) if self.mode == "floor" else None
+        logits = self.model(b["input_ids"], b["attention_mask"], b["tgt_in"], features=feats)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=PAD)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         sync(self.device)
         seconds = time.perf_counter() - t
-        return seconds, torch.stack(losses).tolist()
+        self.losses.append(loss.detach())
+        self.rng = rng_state(self.device)
+        return seconds
+
+    def finish(self) -> list[float]:
+        """End the epoch; returns the loss of each step."""
+        assert next(self.batches, None) is None, "every mode trains on every batch"
+        return torch.stack(self.losses).tolist()
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 # --------------------------------------------------------------------------- checks
@@ -505,13 +528,19 @@ def bench(size: Size, device: torch.device, quick: bool) -> dict[str, Any]:
     times: dict[str, list[float]] = {m: [] for m in MODES}
     losses: dict[str, list[list[float]]] = {m: [] for m in MODES}
     stats_after: list[Any] = []
+    steps = math.ceil(size.pairs / size.batch)
     for epoch in range(size.epochs):
-        for m in MODES[epoch % len(MODES):] + MODES[:epoch % len(MODES)]:
-            seconds, step_losses = runs[m].epoch(epoch)
-            times[m].append(seconds)
-            losses[m].append(step_losses)
-            if m == "cached":
-                stats_after.append(enc.stats())  # type: ignore[operator]
+        for run in runs.values():
+            run.start(epoch)
+        epoch_s = dict.fromkeys(MODES, 0.0)
+        for step in range(steps):  # modes take turns step by step, the order rotating every step
+            turn = (epoch * steps + step) % len(MODES)
+            for m in MODES[turn:] + MODES[:turn]:
+                epoch_s[m] += runs[m].step()
+        for m in MODES:
+            times[m].append(epoch_s[m])
+            losses[m].append(runs[m].finish())
+        stats_after.append(enc.stats())  # type: ignore[operator]
         label = "cold" if epoch == 0 else "warm"
         print(f"epoch {epoch + 1}/{size.epochs} ({label}): "
               + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
@@ -555,7 +584,9 @@ def bench(size: Size, device: torch.device, quick: bool) -> dict[str, Any]:
             "fusion": "source embedding + Linear(384, d_model)(MiniLM last_hidden_state), added",
             "padding": "each batch padded to its longest sentence (DataLoader collate), reshuffled every epoch",
             "optimizer": "AdamW lr 5e-4 (full: MiniLM at 5e-5), dropout 0.1 in the NMT",
-            "timing": "one process; mode order rotated every epoch; medians over epochs 2..N (epoch 1 is cold)",
+            "timing": ("one process; the modes take turns step by step (order rotated every step), each step "
+                       "timed from loading its batch to the end of the optimizer step (device synchronized); "
+                       "epoch time: the sum of its steps; medians over epochs 2..N (epoch 1 is cold)"),
             "why_these_sizes": ("quick: tiny sizes for a smoke run" if quick else
                                 f"{size.pairs} pairs x batch {size.batch}: a full CPU run within about "
                                 "10 minutes on 2 cores, with several warm epochs per mode"),
