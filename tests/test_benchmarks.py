@@ -46,7 +46,7 @@ def test_quick_guard_run_goes_to_out_and_is_marked_not_comparable(tmp_path):
 def test_benchmarks_default_to_the_ignored_out_folder():
     ignored = subprocess.run(["git", "check-ignore", "-q", "benchmarks/out/x.json"], cwd=ROOT)
     assert ignored.returncode == 0
-    for script in ("guard_overhead.py", "frozen_encoder.py"):
+    for script in ("guard_overhead.py", "frozen_encoder.py", "seed_nmt.py"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "default=OUT" in text or "default=str(OUT)" in text, script
     sys.path.insert(0, str(ROOT / "benchmarks"))
