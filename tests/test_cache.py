@@ -429,7 +429,7 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "stacked"])
 def test_memory_store_grows_by_chunks_without_copying_and_gathers_across_them(monkeypatch, merge):
-    cache_mod = importlib.import_module("layerfreeze.cache")
+    cache_mod = importlib.import_module("layerfreeze.feature_cache.stores")
 
     if not merge:  # a store too large to merge gathers row views from the chunks
         monkeypatch.setattr(cache_mod, "_MERGE_BYTES", 0)

@@ -6,7 +6,6 @@ and one error family; :class:`Freezer`, :class:`Schedule` and every
 integration are built on those.
 """
 
-from .cache import CacheStats, cache, precompute
 from .core import Transition, apply_change, freeze, frozen, subscribe, unfreeze
 from .errors import (
     FrozenParameterChanged,
@@ -17,6 +16,7 @@ from .errors import (
     SelectorTypeError,
     StateDictError,
 )
+from .feature_cache import CacheStats, cache, precompute
 from .freezer import Freezer
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
