@@ -69,3 +69,12 @@ class StateDictError(LayerFreezeError, ValueError):
 
 class ScheduleError(LayerFreezeError, ValueError):
     """A schedule rule or config that is malformed."""
+
+
+class CacheError(LayerFreezeError, ValueError):
+    """A feature cache asked for something it cannot do (bad arguments, a model
+    ``precompute`` cannot call)."""
+
+
+class CacheTypeError(CacheError, TypeError):
+    """A feature cache given an object of the wrong kind (not an ``nn.Module``)."""

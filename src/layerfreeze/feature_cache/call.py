@@ -1,5 +1,6 @@
-"""The keyed call: validity checks, per-sample keys, lookups, partial
-computation of missing samples and assembly of the batch's output."""
+"""The keyed call: validity checks, per-sample keys, the first check that a
+module's rows are independent, lookups, computation of the missing samples
+and assembly of the batch's output."""
 
 from __future__ import annotations
 
@@ -7,22 +8,22 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import threading
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..guard import fingerprint
-from .layout import _CONST_TYPES, _flatten, _Layout, _layout_of, _rebuild, _unflatten
-from .stores import _as_bytes, _buffer, _DiskStore, _MemoryStore
+from . import keys as _keys
+from .disk import _DiskStore
+from .layout import _flatten, _Layout, _layout_of, _rebuild, _unflatten
+from .stores import _as_bytes, _buffer, _MemoryStore, _token_index
+from .validity import fingerprints, structure_digest
 
 log = logging.getLogger("layerfreeze")
-
-_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -46,24 +47,86 @@ class CacheStats:
     bypassed: int
 
 
+@dataclass
+class _Signature:
+    """What the first check of one call signature found."""
+
+    status: str  # "padded": real spans are keys; "whole": whole rows; "dependent": never cached
+    token: tuple[bool, ...] | None  # per output tensor leaf: per token (padded only)
+    reason: str = ""
+
+
+class _StopForward(Exception):
+    """Raised by a cache during :func:`precompute` once its features are stored."""
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 3e-2 if dtype in (torch.float16, torch.bfloat16) or dtype.itemsize == 1 else 1e-4
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within the rounding another batch composition may cause (exact for integers)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not (a.is_floating_point() or a.is_complex()):
+        return bool(torch.equal(a, b))
+    if a.numel() == 0:
+        return True
+    tol = _tolerance(a.dtype)
+    x, y = a.detach().to(torch.complex128 if a.is_complex() else torch.float64), b.detach().to(
+        torch.complex128 if b.is_complex() else torch.float64)
+    finite = torch.isfinite(x)
+    scale = max(1.0, float(x[finite].abs().max())) if bool(finite.any()) else 1.0
+    return bool(torch.allclose(x, y, rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def _batch_first_false(module: nn.Module) -> list[str]:
+    return [name or "(root)" for name, m in module.named_modules() if getattr(m, "batch_first", None) is False]
+
+
+def _moved(out: Any, src: int, dst: int) -> Any:
+    """``out`` with the batch axis of every tensor leaf moved from ``src`` to ``dst``."""
+    if src == dst:
+        return out
+    leaves: list[Any] = []
+    spec = _flatten(out, leaves)
+    return _unflatten(spec, [x.movedim(src, dst) if isinstance(x, torch.Tensor) and x.dim() > max(src, dst) else x
+                             for x in leaves])
+
+
 class _FeatureCache:
-    def __init__(self, module: nn.Module, forward: Callable[..., Any], store: str,
-                 max_bytes: int | None, path: str | None, verify_every: int) -> None:
+    """The cache of one module; ``config`` holds the arguments of :func:`cache`."""
+
+    def __init__(self, module: nn.Module, base: type, config: dict[str, Any]) -> None:
         self._module = weakref.ref(module)
-        self.name = type(module).__qualname__
-        self.forward = forward
-        self.store = store
-        self.verify_every = verify_every
+        self.base = base
+        self.config = config
+        self.name = base.__qualname__
+        self.verify_every: int = config["verify_every"]
+        self.padding: str | None = config["padding"]
+        self.pad_value = config["pad_value"]
+        self.key = config["key"]
+        self.store_dtype: torch.dtype | None = config["dtype"]
+        bd = config["batch_dim"]
+        if bd is None:
+            # a PyTorch layer with batch_first=False takes (sequence, batch, ...)
+            own = base.__module__.startswith("torch.nn") and _batch_first_false(module)
+            bd = 1 if own else 0
+        self.batch_dim: int = bd
         self.hits = self.misses = self.bypassed = self.calls = 0
+        self.lock = threading.RLock()
         self._warned: set[str] = set()
         self._token: tuple[Any, ...] | None = None
         self._prints: torch.Tensor | None = None
-        self._pin = False
+        self._struct: str | None = None
+        self._seen: set[bytes] = set()
+        self.sigs: dict[bytes, _Signature] = {}
         self.memory: _MemoryStore | None = None
         self.disk: _DiskStore | None = None
         self._tmp: str | None = None
-        if store == "memory":
-            self.memory = _MemoryStore(max_bytes, pin=False)
+        path, max_bytes = config["path"], config["max_bytes"]
+        if config["store"] == "memory":
+            self.memory = _MemoryStore(max_bytes)
             if max_bytes is not None:
                 root = path
                 if root is None:
@@ -71,7 +134,6 @@ class _FeatureCache:
                     weakref.finalize(self, shutil.rmtree, root, True)
                 self.disk = _DiskStore(root, None)
         else:
-            assert path is not None
             self.disk = _DiskStore(path, max_bytes)
         # precompute() sets this to stop the model's forward once the feature is stored
         self.stop_after: bool = False
@@ -82,12 +144,26 @@ class _FeatureCache:
         assert m is not None
         return m
 
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The module's own forward. The module wears its own class meanwhile:
+        libraries that look things up by class (transformers' recordable
+        outputs, for one) then see the class they know."""
+        m = self.module
+        cls = m.__class__
+        m.__class__ = self.base
+        try:
+            return self.base.forward(m, *args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            m.__class__ = cls
+
     # ---------------------------------------------------------------- validity
 
-    def _scan(self) -> tuple[list[torch.Tensor], bool]:
-        """Parameters and buffers of the module, and whether any submodule is in
-        training mode or any parameter requires grad: one pass, run every call."""
-        tensors: list[torch.Tensor] = []
+    def _scan(self) -> tuple[tuple[Any, ...], bool]:
+        """One pass over the module tree, run every call: a token of everything
+        cheap to compare (module objects and classes, instance forwards, hooks,
+        parameter and buffer objects, data pointers and version counters) and
+        whether anything is in training mode or requires grad."""
+        token: list[Any] = []
         unsafe = False
         stack = [self.module]
         seen: set[int] = set()
@@ -96,17 +172,24 @@ class _FeatureCache:
             if id(m) in seen:
                 continue
             seen.add(id(m))
+            d = m.__dict__
+            token += (id(m), m.__class__, d.get("forward"))
+            if m._forward_hooks or m._forward_pre_hooks:
+                token += (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             unsafe = unsafe or m.training
             for p in m._parameters.values():
                 if p is not None:
-                    tensors.append(p)
+                    token += (id(p), p.data_ptr(), p._version)
                     unsafe = unsafe or p.requires_grad
-            tensors.extend(b for b in m._buffers.values() if b is not None)
+            for b in m._buffers.values():
+                if b is not None:
+                    token += (id(b), b.data_ptr(), b._version)
             stack.extend(c for c in m._modules.values() if c is not None)
-        return tensors, unsafe
+        return tuple(token), unsafe
 
     def _tensors(self) -> list[torch.Tensor]:
-        return self._scan()[0]
+        m = self.module
+        return [t for _, t in m.named_parameters()] + [t for _, t in m.named_buffers()]
 
     def _why_not(self, inputs: list[Any]) -> str | None:
         for pname, p in self.module.named_parameters():
@@ -122,235 +205,397 @@ class _FeatureCache:
                 return "an input requires grad, so gradients must flow through the module"
         return None
 
-    def _state_token(self, tensors: list[torch.Tensor]) -> tuple[Any, ...]:
-        return tuple((id(t), t.data_ptr(), t._version, t.requires_grad) for t in tensors)
-
-    def _fingerprints(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        # in slices: summing a whole embedding matrix as int64 would briefly
-        # take twice its size; integer sums of slices add up to the same value
-        prints = [torch.stack([fingerprint(c) for c in t.detach().reshape(-1).split(1 << 20)]).sum().cpu()
-                  if t.numel() else torch.zeros((), dtype=torch.int64) for t in tensors]
-        return torch.stack(prints) if prints else torch.zeros(0)
-
-    def _digest(self, tensors: list[torch.Tensor]) -> str:
-        """Content hash of the module's weights, names, and class: the disk directory."""
+    def _digest(self, struct: str) -> str:
+        """Content hash of the weights, their names, and the module tree: the disk directory."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"layerfreeze-cache {_FORMAT} {self.name}".encode())
+        h.update(f"layerfreeze-cache {_keys._FORMAT} {struct}".encode())
         for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
             data = _as_bytes(t.detach().cpu().reshape(1, -1))
             h.update(_buffer(data))
         return h.hexdigest()
 
-    def invalidate(self, tensors: list[torch.Tensor] | None = None) -> None:
-        """Drop everything held for the current weights and re-key to the current ones."""
-        tensors = self._tensors() if tensors is None else tensors
+    def invalidate(self, token: tuple[Any, ...] | None = None) -> None:
+        """Drop everything held for the current module state and re-key to it."""
+        if token is None:
+            token = self._scan()[0]
         if self.memory is not None:
             self.memory.clear()
+        self.sigs.clear()
+        self._seen.clear()
+        struct = structure_digest(self.module, self.base)
         if self.disk is not None:
             if self._tmp is not None and self.disk.dir is not None:
                 shutil.rmtree(self.disk.dir, ignore_errors=True)
-            self.disk.open(self._digest(tensors))
-        self._token = self._state_token(tensors)
+            self.disk.open(self._digest(struct))
+        self._token = token
         self._prints = None
+        self._struct = struct
 
     def verify(self) -> bool:
-        """Check the weights' content against the fingerprint taken at fill time.
+        """Check weights (exact fingerprint) and module tree (classes, configuration,
+        forward code) against what they were when the cache was filled.
 
         Returns:
             True if the cache was still valid; False if it was dropped.
         """
-        tensors = self._tensors()
-        if self._token != self._state_token(tensors):
-            self.invalidate(tensors)
+        token = self._scan()[0]
+        if self._token != token:
+            self.invalidate(token)
             return False
-        now = self._fingerprints(tensors)
-        if self._prints is not None and not torch.equal(now, self._prints):
-            log.info("cached module's weights changed in place (e.g. through .data): cache dropped")
-            self.invalidate(tensors)
+        now = fingerprints(self._tensors())
+        struct = structure_digest(self.module, self.base)
+        if self._prints is not None and (not torch.equal(now, self._prints) or struct != self._struct):
+            log.info("cached module changed in place (weights through .data, or its configuration): cache dropped")
+            self.invalidate(token)
             self._prints = now
             return False
-        self._prints = now
+        self._prints, self._struct = now, struct
         return True
 
     def _warn(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(f"layerfreeze cache of {self.name}: {reason}; computing normally, not cached",
-                          stacklevel=6)
+                          stacklevel=5)
 
-    # ---------------------------------------------------------------- keys
-
-    def _keys(self, leaves: list[Any], spec: Any, kwnames: tuple[str, ...]) -> tuple[list[bytes], int] | str:
-        batched = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
-        if not batched:
-            return "no tensor argument has a batch dimension"
-        b = batched[0].shape[0]
-        prefix = hashlib.blake2b(digest_size=16)
-        prefix.update(repr((spec, kwnames)).encode())
-        for dev in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(dev):
-                prefix.update(f"autocast {dev} {torch.get_autocast_dtype(dev)}".encode())
-        rows = []
-        for x in leaves:
-            if isinstance(x, torch.Tensor):
-                if x.dim() == 0:
-                    prefix.update(f"scalar {x.dtype} {x.item()!r}".encode())
-                    continue
-                if x.shape[0] != b:
-                    return f"tensor arguments disagree on the batch size ({b} and {x.shape[0]})"
-                prefix.update(f"T{x.dtype}{tuple(x.shape[1:])}".encode())
-                rows.append(_as_bytes(x.detach().cpu()))
-            elif isinstance(x, _CONST_TYPES):
-                prefix.update(f"C{x!r}".encode())
-            else:
-                return f"an argument of type {type(x).__name__} cannot be part of a cache key"
-        keys = []
-        views = [(_buffer(r), r.shape[1]) for r in rows]
-        for i in range(b):
-            h = prefix.copy()
-            for mv, width in views:
-                h.update(mv[i * width:(i + 1) * width])
-            keys.append(h.digest())
-        return keys, b
+    def _bypass(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._warn(reason)
+        self.bypassed += 1
+        return self.run(args, kwargs)
 
     # ---------------------------------------------------------------- the call
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        kwnames = tuple(kwargs)
+        with self.lock:
+            return self._call(args, kwargs)
+
+    def _pop_ids(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+        """Take the ``key=`` ids out of the call (a keyword, or an entry of a dict argument)."""
+        if callable(self.key):
+            return args, kwargs, self.key(args, kwargs)
+        name = self.key
+        if name in kwargs:
+            kwargs = dict(kwargs)
+            return args, kwargs, kwargs.pop(name)
+        new_args = []
+        ids = None
+        for a in args:
+            if ids is None and isinstance(a, dict) and name in a:
+                ids = a[name]
+                a = {k: v for k, v in a.items() if k != name}
+            new_args.append(a)
+        return tuple(new_args), kwargs, ids
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token, unsafe = self._scan()
+        ids: Any = None
+        if self.key is not None:
+            args, kwargs, ids = self._pop_ids(args, kwargs)
         leaves: list[Any] = []
-        spec = _flatten((args, tuple(kwargs.values())), leaves)
-        tensors, unsafe = self._scan()
-        reason = self._why_not(leaves) if unsafe or any(
-            isinstance(x, torch.Tensor) and x.requires_grad for x in leaves) else None
-        if reason is None:
-            keyed = self._keys(leaves, spec, kwnames)
-            reason = keyed if isinstance(keyed, str) else None
-        if reason is not None:
-            self._warn(reason)
-            self.bypassed += 1
-            return self.forward(*args, **kwargs)
-        assert not isinstance(keyed, str)
-        keys, batch = keyed
+        names: list[str | None] = []
+        spec = _flatten((args, kwargs), leaves, names)
+        if unsafe or any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
+            reason = self._why_not(leaves)
+            if reason is not None:
+                return self._bypass(reason, args, kwargs)
+        batch = _keys.prepare(leaves, names, spec, batch_dim=self.batch_dim, padding=self.padding,
+                              pad_value=self.pad_value)
+        if isinstance(batch, str):
+            return self._bypass(batch, args, kwargs)
+        if self.key is not None:
+            if ids is None:
+                return self._bypass(f"no key ids: the call has no argument or dict entry {self.key!r}", args, kwargs)
+            id_list = _keys.id_bytes(ids, batch.size)
+            if isinstance(id_list, str):
+                return self._bypass(id_list, args, kwargs)
+            ids = id_list
+        sig_id = _keys.signature(batch)
+        sig = self.sigs.get(sig_id)
+        if sig is not None and sig.status == "dependent":
+            return self._bypass(sig.reason, args, kwargs)
+        padded = batch.length is not None and (sig is None or sig.status == "padded")
+        keys = _keys.sample_keys(batch, padded, ids)
 
-        if self._token != self._state_token(tensors):
-            self.invalidate(tensors)
+        if self._token != token:
+            self.invalidate(token)
         self.calls += 1
-        if self.verify_every and self.calls % self.verify_every == 0:
+        if (self.verify_every and self.calls % self.verify_every == 0) or not self._seen.isdisjoint(keys):
+            # a sample seen again since the last check: an epoch has passed, check the weights' content
             self.verify()
+            self._seen.clear()
+        self._seen.update(keys)
 
-        found = [self._lookup(k) for k in keys]
+        found = self._lookup(keys)
         miss = [i for i, f in enumerate(found) if f is None]
-        lids = {f[1] for f in found if f is not None}
-        device = next(x.device for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0)
-        if len(lids) > 1:  # one sample's output shape differs from another's: compute all afresh
-            miss = list(range(batch))
-
-        computed: Any = None
-        layout: _Layout | None = None
-        fresh: list[torch.Tensor] = []
-        if miss:
-            if len(miss) == batch:
-                sub_args, sub_kwargs = args, kwargs
-            else:
-                sub_args, sub_kwargs = self._take(leaves, spec, kwnames, miss, batch)
-            computed = self.forward(*sub_args, **sub_kwargs)
-            got = _layout_of(computed, len(miss))
-            if isinstance(got, str):
-                self._warn(got)
-                self.bypassed += 1
-                return computed if len(miss) == batch else self.forward(*args, **kwargs)
-            layout, fresh = got
-            self.misses += len(miss)
-            self._store(layout, [keys[i] for i in miss], fresh)
+        if len({f[1] for f in found if f is not None}) > 1:  # two layouts in one batch: compute all afresh
+            miss = list(range(batch.size))
+        device = batch.rows[0].device
+        size = batch.size
+        if not miss:
+            self.hits += size
             if self.stop_after:
                 raise _StopForward
-            if len(miss) == batch:
-                return computed
-        self.hits += batch - len(miss)
+            return self._assemble(batch, padded, found, [], None, None, device)
+
+        sub_args, sub_kwargs = (args, kwargs) if len(miss) == size else self._take(leaves, spec, batch, miss)
+        computed = self.run(sub_args, sub_kwargs)
+        if sig is None and len(miss) >= 2:
+            sig = self._check(batch, leaves, spec, miss, computed)
+            self.sigs[sig_id] = sig
+            if sig.status == "dependent":
+                self._warn(sig.reason)
+                self.bypassed += 1
+                return computed if len(miss) == size else self.run(args, kwargs)
+            if padded and sig.status != "padded":
+                return self._call(args, kwargs)  # once per signature: re-key whole rows
+        norm = _moved(computed, self.batch_dim, 0)
+        token_flags = None
+        if padded:
+            if sig is not None:
+                token_flags = sig.token
+            else:
+                hit_layout = self._layout_of_found(found)
+                token_flags = hit_layout.token if hit_layout is not None else None
+            if token_flags is None:  # padded, nothing known yet about the output: serve as computed
+                self.misses += len(miss)
+                return computed if len(miss) == size else self.run(args, kwargs)
+        got = _layout_of(norm, len(miss), batch.length, token_flags, self.store_dtype)
+        if isinstance(got, str):
+            self._warn(got)
+            self.bypassed += 1
+            return computed if len(miss) == size else self.run(args, kwargs)
+        layout, fresh = got
+        hit_layout = self._layout_of_found(found)
+        if hit_layout is not None and (hit_layout.spec, hit_layout.shapes, hit_layout.dtypes, hit_layout.token) != (
+                layout.spec, layout.shapes, layout.dtypes, layout.token):
+            self.misses += size
+            return self.run(args, kwargs)
+        self.misses += len(miss)
+        rows = self._rows(batch, padded, layout, fresh, miss)
+        if sig is not None:  # stored only once the signature is checked
+            self._store(layout, [keys[i] for i in miss], rows, [batch.counts[i] for i in miss] if padded
+                        else [0] * len(miss))
+        self.hits += size - len(miss)
         if self.stop_after:
             raise _StopForward
+        if len(miss) == size and not padded:
+            return computed
+        return self._assemble(batch, padded, found, miss, layout, rows, device)
 
-        hit = [i for i in range(batch) if found[i] is not None]
-        where, lid = found[hit[0]][0], found[hit[0]][1]  # type: ignore[index]
-        store = self.memory if where == "m" else self.disk
-        assert store is not None
-        hit_layout = store.layouts[lid]
-        if layout is not None and (layout.shapes, layout.dtypes, layout.spec) != (
-                hit_layout.shapes, hit_layout.dtypes, hit_layout.spec):
-            self.misses += batch - len(miss)
-            self.hits -= batch - len(miss)
-            return self.forward(*args, **kwargs)
-        parts = self._gather(found, hit, device)
-        if not miss:
-            outs = parts
-        else:
-            outs = []
-            hit_idx = torch.tensor(hit, device=device)
-            miss_idx = torch.tensor(miss, device=device)
-            for p, f in zip(parts, fresh, strict=True):
-                full = torch.empty((batch, *p.shape[1:]), dtype=p.dtype, device=device)
-                full.index_copy_(0, hit_idx, p)
-                full.index_copy_(0, miss_idx, f.detach())
-                outs.append(full)
-        return _rebuild(hit_layout, outs)
-
-    def _lookup(self, key: bytes) -> tuple[str, str, int] | None:
-        if self.memory is not None:
-            got = self.memory.index.get(key)
-            if got is not None:
-                return ("m", got[0], got[1])
-        if self.disk is not None:
-            got = self.disk.index.get(key)
-            if got is not None:
-                return ("d", got[0], got[1])
+    def _layout_of_found(self, found: list[Any]) -> _Layout | None:
+        for f in found:
+            if f is not None:
+                store = self.memory if f[0] == "m" else self.disk
+                assert store is not None
+                return store.layouts[f[1]]
         return None
+
+    def _lookup(self, keys: list[bytes]) -> list[Any]:
+        """Per key: (store, layout id, slot, token offset, token count), or None."""
+        found: list[Any] = [None] * len(keys)
+        rest = list(range(len(keys)))
+        if self.memory is not None:
+            idx = self.memory.index
+            for i in rest:
+                got = idx.get(keys[i])
+                if got is not None:
+                    found[i] = ("m", *got)
+            rest = [i for i in rest if found[i] is None]
+        if rest and self.disk is not None and self.disk.dir is not None:
+            for i, got in zip(rest, self.disk.lookup([keys[i] for i in rest]), strict=True):
+                if got is not None:
+                    found[i] = ("d", *got)
+        return found
+
+    def _rows(self, batch: _keys._Batch, padded: bool, layout: _Layout, fresh: list[torch.Tensor],
+              miss: list[int]) -> list[torch.Tensor]:
+        """What the store keeps of the computed samples: real-token rows back to back, or sample rows."""
+        out = []
+        idx = None
+        for t, x in zip(layout.token, fresh, strict=True):
+            x = x.detach()
+            if padded and t:
+                length = batch.length
+                assert length is not None
+                if idx is None:
+                    idx = _token_index([k * length + batch.starts[i] for k, i in enumerate(miss)],
+                                       [batch.counts[i] for i in miss], x.device)
+                x = x.reshape(x.shape[0] * length, *x.shape[2:]).index_select(0, idx)
+            out.append(x)
+        return out
+
+    def _store(self, layout: _Layout, keys: list[bytes], rows: list[torch.Tensor], counts: list[int]) -> None:
+        if self._prints is None:
+            self._prints = fingerprints(self._tensors())
+        lid = layout.ident()
+        done = 0
+        if self.memory is not None:
+            done = self.memory.put(lid, layout, keys, rows, counts)
+        if done < len(keys) and self.disk is not None:
+            tok = sum(counts[:done])
+            rest = [r[tok:] if t else r[done:] for r, t in zip(rows, layout.token, strict=True)]
+            done += self.disk.put(lid, layout, keys[done:], rest, counts[done:])
+        if done < len(keys):
+            self._warn("the cache is full (max_bytes reached); further samples are computed, not stored")
+
+    def _assemble(self, batch: _keys._Batch, padded: bool, found: list[Any], miss: list[int],
+                  layout: _Layout | None, rows: list[torch.Tensor] | None, device: torch.device) -> Any:
+        """The batch's output: stored rows for hits, computed rows for misses; in a
+        padded batch, positions outside each sample's real span hold zeros."""
+        size = batch.size
+        hit = [i for i in range(size) if found[i] is not None]
+        parts: list[torch.Tensor] | None = None
+        if hit:
+            layout = self._layout_of_found(found)
+            parts = self._gather(found, hit, device)
+        assert layout is not None
+        length = batch.length
+        outs = []
+        hit_t = torch.tensor(hit, device=device) if hit and miss else None
+        miss_t = torch.tensor(miss, device=device) if miss and hit else None
+        tok_idx: dict[str, torch.Tensor] = {}
+        for j, (t, shape, dtype) in enumerate(zip(layout.token, layout.shapes, layout.dtypes, strict=True)):
+            if padded and t:
+                assert length is not None
+                full = torch.zeros((size, length, *shape), dtype=dtype, device=device)
+                flat = full.view(size * length, *shape)
+                for name, which, src in (("h", hit, parts), ("m", miss, rows)):
+                    if not which:
+                        continue
+                    assert src is not None
+                    if name not in tok_idx:
+                        tok_idx[name] = _token_index([i * length + batch.starts[i] for i in which],
+                                                     [batch.counts[i] for i in which], device)
+                    flat.index_copy_(0, tok_idx[name], src[j].to(device=device, dtype=dtype))
+                outs.append(full)
+            elif not miss:
+                assert parts is not None
+                outs.append(parts[j])
+            elif not hit:
+                assert rows is not None
+                outs.append(rows[j])
+            else:
+                assert parts is not None and rows is not None and hit_t is not None and miss_t is not None
+                full = torch.empty((size, *shape), dtype=dtype, device=device)
+                full.index_copy_(0, hit_t, parts[j])
+                full.index_copy_(0, miss_t, rows[j].to(device=device, dtype=dtype))
+                outs.append(full)
+        return _moved(_rebuild(layout, outs), 0, self.batch_dim)
 
     def _gather(self, found: list[Any], hit: list[int], device: torch.device) -> list[torch.Tensor]:
         in_mem = [i for i in hit if found[i][0] == "m"]
         on_disk = [i for i in hit if found[i][0] == "d"]
         lid = found[hit[0]][1]
+
+        def get(store: Any, which: list[int]) -> list[torch.Tensor]:
+            return store.get(lid, [found[i][2] for i in which], [found[i][3] for i in which],
+                             [found[i][4] for i in which], device)
+
         if not on_disk:
-            assert self.memory is not None
-            return self.memory.get(lid, [found[i][2] for i in hit], device)
-        assert self.disk is not None
+            return get(self.memory, hit)
         if not in_mem:
-            return [t.to(device, non_blocking=True) for t in self.disk.get(lid, [found[i][2] for i in hit])]
-        assert self.memory is not None
-        a = self.memory.get(lid, [found[i][2] for i in in_mem], torch.device("cpu"))
-        b = self.disk.get(lid, [found[i][2] for i in on_disk])
-        pos = {i: k for k, i in enumerate(in_mem + on_disk)}
-        order = torch.tensor([pos[i] for i in hit])
-        return [torch.cat([x, y])[order].to(device, non_blocking=True) for x, y in zip(a, b, strict=True)]
+            return get(self.disk, hit)
+        a, b = get(self.memory, in_mem), get(self.disk, on_disk)
+        layout = self._layout_of_found([found[hit[0]]])
+        assert layout is not None
+        # put the two parts back in batch order
+        order = in_mem + on_disk
+        pos = {i: k for k, i in enumerate(order)}
+        sample_order = torch.tensor([pos[i] for i in hit], device=device)
+        counts = [found[i][4] for i in order]
+        starts = [0]
+        for c in counts[:-1]:
+            starts.append(starts[-1] + c)
+        tok_order = _token_index([starts[pos[i]] for i in hit], [counts[pos[i]] for i in hit], device)
+        return [torch.cat([x, y]).index_select(0, tok_order if t else sample_order)
+                for x, y, t in zip(a, b, layout.token, strict=True)]
 
-    def _store(self, layout: _Layout, keys: list[bytes], fresh: list[torch.Tensor]) -> None:
-        if self._prints is None:
-            self._prints = self._fingerprints(self._tensors())
-        rows = [f.detach() for f in fresh]
-        if self.memory is not None and fresh[0].is_cuda and not self.memory.pin:
-            self.memory.pin = True
-        lid = layout.ident()
-        done = 0
-        if self.memory is not None:
-            done = self.memory.put(lid, layout, keys, rows)  # copy_ moves device rows straight to host
-        if done < len(keys) and self.disk is not None:
-            rest = [r[done:] for r in rows]
-            done += self.disk.put(lid, layout, keys[done:], [r.cpu() for r in rest])
-        if done < len(keys):
-            self._warn("the cache is full (max_bytes reached); further samples are computed, not stored")
+    def _take(self, leaves: list[Any], spec: Any, batch: _keys._Batch, rows: list[int]) -> tuple[Any, Any]:
+        """The call's arguments for the samples at ``rows`` only."""
+        picked = list(leaves)
+        for pos, r in zip(batch.batched, batch.rows, strict=True):
+            idx = torch.tensor(rows, device=r.device)
+            x = r.index_select(0, idx)
+            picked[pos] = x.movedim(0, batch.dim) if batch.dim else x
+        args, kwargs = _unflatten(spec, picked)
+        return tuple(args), dict(kwargs)
 
-    def _take(self, leaves: list[Any], spec: Any, kwnames: tuple[str, ...], rows: list[int],
-              batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        idx: dict[torch.device, torch.Tensor] = {}
-        picked = []
-        for x in leaves:
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-                if x.device not in idx:
-                    idx[x.device] = torch.tensor(rows, device=x.device)
-                x = x.index_select(0, idx[x.device])
-            picked.append(x)
-        args, kwvalues = _unflatten(spec, picked)
-        return tuple(args), dict(zip(kwnames, kwvalues, strict=True))
+    # ---------------------------------------------------------------- the first check
+
+    def _check(self, batch: _keys._Batch, leaves: list[Any], spec: Any, miss: list[int], computed: Any) -> _Signature:
+        """Before anything of a call signature is stored: compute a few of the batch's
+        samples on their own and compare with the batch. With padding, the probe
+        also carries one more padded position: real positions must not move, and
+        the output leaves whose dimension 1 grows are the per-token ones."""
+        k = min(2, len(miss) - 1)
+        rows = miss[:k]
+        whole: list[Any] = []
+        whole_spec = _flatten(_moved(computed, self.batch_dim, 0), whole)
+        whole = [x[:k] if isinstance(x, torch.Tensor) else x for x in whole]
+        if batch.length is not None:
+            got = self._probe(batch, leaves, spec, rows, extend=True)
+            token = self._compare(batch, whole_spec, whole, got, rows, padded=True)
+            if token is not None:
+                return _Signature("padded", token)
+        got = self._probe(batch, leaves, spec, rows, extend=False)
+        if self._compare(batch, whole_spec, whole, got, rows, padded=False) is not None:
+            return _Signature("whole", None)
+        hint = ""
+        bff = _batch_first_false(self.module)
+        if bff:
+            hint = (f"; submodules with batch_first=False: {', '.join(bff[:3])}: pass batch_dim=1 to lf.cache "
+                    "if dimension 1 is the batch")
+        reason = (f"rows of a batch along dimension {self.batch_dim} are not independent ({k} sample(s) computed "
+                  f"on their own differ from the same samples computed in the batch){hint}")
+        return _Signature("dependent", None, reason)
+
+    def _probe(self, batch: _keys._Batch, leaves: list[Any], spec: Any, rows: list[int], extend: bool) -> Any:
+        picked = list(leaves)
+        idx = torch.tensor(rows)
+        for j, (pos, r) in enumerate(zip(batch.batched, batch.rows, strict=True)):
+            x = r.index_select(0, idx.to(r.device))
+            if extend and batch.token_arg[j]:
+                if j == batch.mask_pos and batch.mask_kind == "mask":
+                    col = torch.zeros_like(x[:, :1])
+                elif j == batch.mask_pos and batch.mask_kind == "pad_value":
+                    col = torch.full_like(x[:, :1], batch.pad_value)
+                else:
+                    col = x[:, :1]  # a real value where padding goes: real positions must not see it
+                x = torch.cat([x, col], 1)
+            picked[pos] = x.movedim(0, batch.dim) if batch.dim else x
+        args, kwargs = _unflatten(spec, picked)
+        return _moved(self.run(tuple(args), dict(kwargs)), self.batch_dim, 0)
+
+    def _compare(self, batch: _keys._Batch, whole_spec: Any, whole: list[Any], probe: Any, rows: list[int],
+                 padded: bool) -> tuple[bool, ...] | None:
+        """Per-token flags of the output's tensor leaves if the probe agrees with the batch, else None."""
+        got: list[Any] = []
+        if _flatten(probe, got) != whole_spec or len(got) != len(whole):
+            return None
+        token = []
+        length = batch.length
+        real = batch.real[rows] if batch.real is not None else None
+        for a, b in zip(whole, got, strict=True):
+            if not isinstance(a, torch.Tensor):
+                if isinstance(b, torch.Tensor) or a != b:
+                    return None
+                continue
+            if not isinstance(b, torch.Tensor):
+                return None
+            if a.shape == b.shape:
+                if not _close(a, b):
+                    return None
+                token.append(False)
+            elif (padded and length is not None and real is not None and a.dim() >= 2 and a.shape[1] == length
+                  and b.shape[1] == length + 1 and a.shape[2:] == b.shape[2:] and a.shape[0] == b.shape[0]):
+                m = real.to(a.device)
+                if not _close(a[m], b[:, :length][m]):
+                    return None
+                token.append(True)
+            else:
+                return None
+        return tuple(token)
 
     def stats(self) -> CacheStats:
         mem = self.memory
@@ -358,8 +603,3 @@ class _FeatureCache:
         entries = (len(mem.index) if mem else 0) + (len(disk.index) if disk else 0)
         return CacheStats(self.hits, self.misses, mem.nbytes if mem else 0, disk.nbytes if disk else 0,
                           entries, self.bypassed)
-
-
-class _StopForward(Exception):
-    """Raised by a cache during :func:`precompute` once its features are stored."""
-

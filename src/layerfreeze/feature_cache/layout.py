@@ -1,6 +1,11 @@
 """How one kind of output is laid out: its nested structure, constant leaves,
-and per-leaf row shape and dtype, and how a batch's output is split into rows
-and rebuilt."""
+and per-leaf row shape and dtype, and how a batch's output is split into
+per-sample rows and rebuilt.
+
+A leaf is either *per sample* (one row of shape ``shape[1:]`` per sample) or,
+when the batch is padded, *per token* (``shape[1]`` is the padded length; one
+row of shape ``shape[2:]`` per real token of the sample).
+"""
 
 from __future__ import annotations
 
@@ -16,17 +21,25 @@ import torch
 
 _CONST_TYPES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 
-def _flatten(obj: Any, leaves: list[Any]) -> Any:
-    """Collect the leaves of a nested output/argument; return its structure spec."""
+
+def _flatten(obj: Any, leaves: list[Any], names: list[str | None] | None = None, name: str | None = None) -> Any:
+    """Collect the leaves of a nested output/argument; return its structure spec.
+
+    ``names`` receives, per leaf, the nearest dict key (or keyword) above it.
+    """
     if isinstance(obj, torch.Tensor):
         leaves.append(obj)
+        if names is not None:
+            names.append(name)
         return ("T",)
     if isinstance(obj, dict):
         keys = list(obj.keys())
-        return ("map", type(obj), tuple(keys), tuple(_flatten(obj[k], leaves) for k in keys))
+        return ("map", type(obj), tuple(keys), tuple(_flatten(obj[k], leaves, names, str(k)) for k in keys))
     if isinstance(obj, (tuple, list)):
-        return ("seq", type(obj), tuple(_flatten(v, leaves) for v in obj))
+        return ("seq", type(obj), tuple(_flatten(v, leaves, names, name) for v in obj))
     leaves.append(obj)
+    if names is not None:
+        names.append(name)
     return ("C",)
 
 
@@ -85,20 +98,43 @@ def _spec_from_json(data: Any) -> Any:
     return ("seq", obj, items)
 
 
+def _dtype(name: str) -> torch.dtype:
+    d = getattr(torch, name, None)
+    if not isinstance(d, torch.dtype):
+        raise ValueError(f"cache layout names dtype {name!r}, which torch does not know")
+    return d
+
+
 @dataclass
 class _Layout:
-    """Structure of one kind of output: spec, constant leaves, per-leaf row shape and dtype."""
+    """Structure of one kind of output.
+
+    ``token[j]``: leaf ``j`` is per token (rows of ``shapes[j]`` per real
+    token) rather than per sample. ``dtypes``: what the module returned;
+    ``stored``: what the store keeps (another dtype only with ``dtype=``).
+    """
 
     spec: Any
     consts: tuple[Any, ...]  # non-tensor leaves (None where a tensor goes)
     is_tensor: tuple[bool, ...]
+    token: tuple[bool, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
+    stored: tuple[torch.dtype, ...]
+
+    def _bytes(self, per_token: bool) -> list[int]:
+        return [math.prod(s) * torch.empty((), dtype=d).element_size() if t == per_token else 0
+                for s, d, t in zip(self.shapes, self.stored, self.token, strict=True)]
 
     @property
-    def row_bytes(self) -> list[int]:
-        return [math.prod(s) * torch.empty((), dtype=d).element_size()
-                for s, d in zip(self.shapes, self.dtypes, strict=True)]
+    def token_bytes(self) -> list[int]:
+        """Bytes per real token of each leaf (0 for per-sample leaves)."""
+        return self._bytes(True)
+
+    @property
+    def sample_bytes(self) -> list[int]:
+        """Bytes per sample of each leaf (0 for per-token leaves)."""
+        return self._bytes(False)
 
     def ident(self) -> str:
         text = json.dumps(self.to_json(), sort_keys=True)
@@ -109,8 +145,10 @@ class _Layout:
             "spec": _spec_json(self.spec),
             "consts": [c if c is None or isinstance(c, (bool, int, float, str)) else repr(c) for c in self.consts],
             "is_tensor": list(self.is_tensor),
+            "token": list(self.token),
             "shapes": [list(s) for s in self.shapes],
             "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+            "stored": [str(d).removeprefix("torch.") for d in self.stored],
         }
 
     @classmethod
@@ -119,20 +157,33 @@ class _Layout:
             _spec_from_json(data["spec"]),
             tuple(data["consts"]),
             tuple(data["is_tensor"]),
+            tuple(data["token"]),
             tuple(tuple(s) for s in data["shapes"]),
-            tuple(getattr(torch, d) for d in data["dtypes"]),
+            tuple(_dtype(d) for d in data["dtypes"]),
+            tuple(_dtype(d) for d in data["stored"]),
         )
 
 
-def _layout_of(out: Any, batch: int) -> tuple[_Layout, list[torch.Tensor]] | str:
+def _layout_of(out: Any, batch: int, length: int | None, token: tuple[bool, ...] | None,
+               store_dtype: torch.dtype | None) -> tuple[_Layout, list[torch.Tensor]] | str:
+    """The layout of a batch's output and its tensor leaves, or why it cannot be stored.
+
+    ``length``: the padded length when the batch is padded; ``token``: which
+    tensor leaves are per token (None: none).
+    """
     leaves: list[Any] = []
     spec = _flatten(out, leaves)
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     if not tensors:
         return "the module returned no tensor"
-    for x in tensors:
+    token = token if token is not None else (False,) * len(tensors)
+    if len(token) != len(tensors):
+        return "the module's output changed structure between calls"
+    for x, t in zip(tensors, token, strict=True):
         if x.dim() == 0 or x.shape[0] != batch:
             return f"an output of shape {tuple(x.shape)} has no batch dimension of size {batch}"
+        if t and (x.dim() < 2 or x.shape[1] != length):
+            return f"an output of shape {tuple(x.shape)} has no token dimension of size {length}"
     consts: list[Any] = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -141,12 +192,14 @@ def _layout_of(out: Any, batch: int) -> tuple[_Layout, list[torch.Tensor]] | str
             consts.append(x)
         else:
             return f"the output holds a {type(x).__name__}, which the cache cannot store"
-    layout = _Layout(spec, tuple(consts), tuple(isinstance(x, torch.Tensor) for x in leaves), tuple(tuple(x.shape[1:]) for x in tensors),
-                     tuple(x.dtype for x in tensors))
+    dtypes = tuple(x.dtype for x in tensors)
+    stored = tuple(store_dtype if store_dtype is not None and d.is_floating_point else d for d in dtypes)
+    layout = _Layout(spec, tuple(consts), tuple(isinstance(x, torch.Tensor) for x in leaves), tuple(token),
+                     tuple(tuple(x.shape[2:] if t else x.shape[1:]) for x, t in zip(tensors, token, strict=True)),
+                     dtypes, stored)
     return layout, tensors
 
 
 def _rebuild(layout: _Layout, tensors: list[torch.Tensor]) -> Any:
     it = iter(tensors)
     return _unflatten(layout.spec, [next(it) if t else c for c, t in zip(layout.consts, layout.is_tensor, strict=True)])
-
