@@ -159,11 +159,16 @@ class _FeatureCache:
     # ---------------------------------------------------------------- validity
 
     def _scan(self) -> tuple[tuple[Any, ...], bool]:
+        token, hooks, unsafe = self._scan_all()
+        return (token, hooks), unsafe
+
+    def _scan_all(self) -> tuple[tuple[Any, ...], tuple[Any, ...], bool]:
         """One pass over the module tree, run every call: a token of everything
         cheap to compare (module objects and classes, instance forwards, hooks,
         parameter and buffer objects, data pointers and version counters) and
         whether anything is in training mode or requires grad."""
         token: list[Any] = []
+        hooks: list[Any] = []
         unsafe = False
         stack = [self.module]
         seen: set[int] = set()
@@ -175,7 +180,7 @@ class _FeatureCache:
             d = m.__dict__
             token += (id(m), m.__class__, d.get("forward"))
             if m._forward_hooks or m._forward_pre_hooks:
-                token += (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+                hooks += (id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             unsafe = unsafe or m.training
             for p in m._parameters.values():
                 if p is not None:
@@ -185,7 +190,7 @@ class _FeatureCache:
                 if b is not None:
                     token += (id(b), b.data_ptr(), b._version)
             stack.extend(c for c in m._modules.values() if c is not None)
-        return tuple(token), unsafe
+        return tuple(token), tuple(hooks), unsafe
 
     def _tensors(self) -> list[torch.Tensor]:
         m = self.module
@@ -340,6 +345,11 @@ class _FeatureCache:
 
         sub_args, sub_kwargs = (args, kwargs) if len(miss) == size else self._take(leaves, spec, batch, miss)
         computed = self.run(sub_args, sub_kwargs)
+        after = self._scan()[0]
+        if after != token and after[0] == token[0]:
+            # hooks the module installed on itself while running (transformers does,
+            # to record hidden states): part of its behaviour from now on
+            self._token = token = after
         if sig is None and len(miss) >= 2:
             sig = self._check(batch, leaves, spec, miss, computed)
             self.sigs[sig_id] = sig
