@@ -121,6 +121,7 @@ class _FeatureCache:
         self._struct: str | None = None
         self._seen: set[bytes] = set()
         self.sigs: dict[bytes, _Signature] = {}
+        self._flags: dict[bytes, tuple[bool, ...] | None] = {}  # per-token flags found before the first check
         self.memory: _MemoryStore | None = None
         self.disk: _DiskStore | None = None
         self._tmp: str | None = None
@@ -227,6 +228,7 @@ class _FeatureCache:
         if self.memory is not None:
             self.memory.clear()
         self.sigs.clear()
+        self._flags.clear()
         self._seen.clear()
         struct = structure_digest(self.module, self.base)
         if self.disk is not None:
@@ -366,8 +368,13 @@ class _FeatureCache:
                 token_flags = sig.token
             else:
                 hit_layout = self._layout_of_found(found)
-                token_flags = hit_layout.token if hit_layout is not None else None
-            if token_flags is None:  # padded, nothing known yet about the output: serve as computed
+                if hit_layout is not None:
+                    token_flags = hit_layout.token
+                else:  # one new sample, not checked yet: which outputs are per token?
+                    if sig_id not in self._flags:
+                        self._flags[sig_id] = self._padding_flags(batch, leaves, spec, miss[:1], computed)
+                    token_flags = self._flags[sig_id]
+            if token_flags is None:  # its real tokens see its padding: served whole, as computed
                 self.misses += len(miss)
                 return computed if len(miss) == size else self.run(args, kwargs)
         got = _layout_of(norm, len(miss), batch.length, token_flags, self.store_dtype)
@@ -540,14 +547,13 @@ class _FeatureCache:
         the output leaves whose dimension 1 grows are the per-token ones."""
         k = min(2, len(miss) - 1)
         rows = miss[:k]
+        if batch.length is not None:
+            token = self._padding_flags(batch, leaves, spec, rows, computed)
+            if token is not None:
+                return _Signature("padded", token)
         whole: list[Any] = []
         whole_spec = _flatten(_moved(computed, self.batch_dim, 0), whole)
         whole = [x[:k] if isinstance(x, torch.Tensor) else x for x in whole]
-        if batch.length is not None:
-            got = self._probe(batch, leaves, spec, rows, extend=True)
-            token = self._compare(batch, whole_spec, whole, got, rows, padded=True)
-            if token is not None:
-                return _Signature("padded", token)
         got = self._probe(batch, leaves, spec, rows, extend=False)
         if self._compare(batch, whole_spec, whole, got, rows, padded=False) is not None:
             return _Signature("whole", None)
@@ -559,6 +565,17 @@ class _FeatureCache:
         reason = (f"rows of a batch along dimension {self.batch_dim} are not independent ({k} sample(s) computed "
                   f"on their own differ from the same samples computed in the batch){hint}")
         return _Signature("dependent", None, reason)
+
+    def _padding_flags(self, batch: _keys._Batch, leaves: list[Any], spec: Any, rows: list[int],
+                       computed: Any) -> tuple[bool, ...] | None:
+        """Compute the first computed samples (``rows``, in the order computed) again
+        with one more padded position: per-token flags of the output's tensor
+        leaves if real positions did not move, else None."""
+        whole: list[Any] = []
+        whole_spec = _flatten(_moved(computed, self.batch_dim, 0), whole)
+        whole = [x[:len(rows)] if isinstance(x, torch.Tensor) else x for x in whole]
+        got = self._probe(batch, leaves, spec, rows, extend=True)
+        return self._compare(batch, whole_spec, whole, got, rows, padded=True)
 
     def _probe(self, batch: _keys._Batch, leaves: list[Any], spec: Any, rows: list[int], extend: bool) -> Any:
         picked = list(leaves)
