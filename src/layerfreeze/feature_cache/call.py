@@ -296,6 +296,7 @@ class _FeatureCache:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token, unsafe = self._scan()
+        call_args, call_kwargs = args, kwargs
         ids: Any = None
         if self.key is not None:
             args, kwargs, ids = self._pop_ids(args, kwargs)
@@ -360,7 +361,7 @@ class _FeatureCache:
                 self.bypassed += 1
                 return computed if len(miss) == size else self.run(args, kwargs)
             if padded and sig.status != "padded":
-                return self._call(args, kwargs)  # once per signature: re-key whole rows
+                return self._call(call_args, call_kwargs)  # once per signature: re-key whole rows
         norm = _moved(computed, self.batch_dim, 0)
         token_flags = None
         if padded:
