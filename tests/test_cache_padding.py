@@ -229,3 +229,14 @@ def test_key_ids_from_the_loader_skip_hashing():
     assert cached.stats().hits == 8
     with pytest.warns(UserWarning, match="no key ids"):
         cached(input_ids=ids, attention_mask=mask)
+
+
+def test_mask_passed_by_position_is_found_by_its_parameter_name():
+    cached = lf.cache(frozen(small_bert()))
+    ref = reference_of(cached)
+    sents = sentences(6)
+    for extra in (0, 4):
+        ids, mask = pad(sents[::-1] if extra else sents, extra=extra)
+        out = cached(ids, mask)  # BertModel.forward(input_ids, attention_mask, ...)
+        check_against_fresh(out, ref, ids, mask)
+    assert cached.stats().hits == 6

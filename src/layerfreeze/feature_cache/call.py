@@ -5,6 +5,7 @@ and assembly of the batch's output."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import shutil
 import tempfile
@@ -84,6 +85,17 @@ def _batch_first_false(module: nn.Module) -> list[str]:
     return [name or "(root)" for name, m in module.named_modules() if getattr(m, "batch_first", None) is False]
 
 
+def _positional_names(base: type) -> list[str]:
+    """Names of ``base.forward``'s positional parameters after ``self`` (so that
+    ``encoder(ids, mask)`` finds ``attention_mask`` as ``encoder(ids, attention_mask=mask)`` does)."""
+    try:
+        params = list(inspect.signature(base.forward).parameters.values())[1:]  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
 def _moved(out: Any, src: int, dst: int) -> Any:
     """``out`` with the batch axis of every tensor leaf moved from ``src`` to ``dst``."""
     if src == dst:
@@ -113,6 +125,7 @@ class _FeatureCache:
             own = base.__module__.startswith("torch.nn") and _batch_first_false(module)
             bd = 1 if own else 0
         self.batch_dim: int = bd
+        self._positional = _positional_names(base)
         self.hits = self.misses = self.bypassed = self.calls = 0
         self.lock = threading.RLock()
         self._warned: set[str] = set()
@@ -302,7 +315,9 @@ class _FeatureCache:
             args, kwargs, ids = self._pop_ids(args, kwargs)
         leaves: list[Any] = []
         names: list[str | None] = []
-        spec = _flatten((args, kwargs), leaves, names)
+        pos = self._positional
+        arg_specs = tuple(_flatten(a, leaves, names, pos[i] if i < len(pos) else None) for i, a in enumerate(args))
+        spec = ("seq", tuple, (("seq", tuple, arg_specs), _flatten(kwargs, leaves, names)))
         if unsafe or any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
             reason = self._why_not(leaves)
             if reason is not None:
