@@ -326,6 +326,8 @@ class _FeatureCache:
                               pad_value=self.pad_value)
         if isinstance(batch, str):
             return self._bypass(batch, args, kwargs)
+        if batch.size == 0:  # nothing to look up
+            return self.run(args, kwargs)
         if self.key is not None:
             if ids is None:
                 return self._bypass(f"no key ids: the call has no argument or dict entry {self.key!r}", args, kwargs)

@@ -79,6 +79,8 @@ def prepare(leaves: list[Any], names: list[str | None], spec: Any, *, batch_dim:
                 sig.update(_buffer(_as_bytes(x.detach().cpu().reshape(1, -1))))
         elif isinstance(x, _CONST_TYPES):
             sig.update(_const_bytes(x))
+        elif type(x).__module__ == "numpy" and getattr(x, "shape", None) == ():  # a numpy scalar
+            sig.update(f"N{x.dtype}:{x.item()!r}".encode())
         else:
             return f"an argument of type {type(x).__name__} cannot be part of a cache key"
     if size is None:
