@@ -86,8 +86,13 @@ _CLASSES: dict[type, type] = {}
 
 def _cached_class(cls: type) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Cached{cls.__name__}", (_CachedMixin, cls),
-                             {"__module__": cls.__module__, "_lf_base": cls, "forward": _compile_safe_forward()})
+        # The same module, name and qualified name as the class it extends: libraries
+        # that look things up by the class's name (transformers keys the outputs a
+        # model can record by ``str(type(model))``) find what they know, and the
+        # module's repr is unchanged. The object stays a distinct subclass.
+        _CLASSES[cls] = type(cls.__name__, (_CachedMixin, cls),
+                             {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_lf_base": cls,
+                              "forward": _compile_safe_forward()})
     return _CLASSES[cls]
 
 

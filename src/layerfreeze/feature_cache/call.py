@@ -159,16 +159,8 @@ class _FeatureCache:
         return m
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The module's own forward. The module wears its own class meanwhile:
-        libraries that look things up by class (transformers' recordable
-        outputs, for one) then see the class they know."""
-        m = self.module
-        cls = m.__class__
-        m.__class__ = self.base
-        try:
-            return self.base.forward(m, *args, **kwargs)  # type: ignore[attr-defined]
-        finally:
-            m.__class__ = cls
+        """The module's own forward (its class's, looked up now: new code runs and is seen)."""
+        return self.base.forward(self.module, *args, **kwargs)  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- validity
 
