@@ -10,7 +10,8 @@ The package's parts:
 * :mod:`.keys`: what makes two samples the same (content, real tokens, ids);
 * :mod:`.validity`: the deep check (weight fingerprints, module tree, code);
 * :mod:`.stores`: the memory store; :mod:`.disk`: the shared disk store;
-* :mod:`.call`: the keyed call (lookups, the first check, assembly);
+* :mod:`.check`: the first check of a call signature (rows independent, padding ignored);
+* :mod:`.call`: the keyed call (lookups, computing misses, assembly);
 * :mod:`.api`: :func:`cache`, :func:`precompute`, :func:`is_cached`.
 
 The package is named ``feature_cache`` so that ``layerfreeze.cache``, the
