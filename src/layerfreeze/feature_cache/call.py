@@ -315,7 +315,7 @@ class _FeatureCache(_FirstCheck):
 
         sub_args, sub_kwargs = (args, kwargs) if len(miss) == size else self._take(leaves, spec, batch, miss)
         computed = self.run(sub_args, sub_kwargs)
-        after = self._scan()[0]
+        after = self._scan()[0] if sig is None else token  # a signature's first calls install such hooks
         if after != token and after[0] == token[0]:
             # hooks the module installed on itself while running (transformers does,
             # to record hidden states): part of its behaviour from now on
