@@ -133,3 +133,13 @@ def test_eval_mode_does_not_freeze():
     net(torch.randn(2, 3)).sum().backward()
     torch.optim.SGD(net.parameters(), lr=0.1).step()
     assert net.weight.requires_grad and not net.weight.equal(before)
+
+
+def test_api_reference_lists_every_public_name():
+    """Each name in ``layerfreeze.__all__`` has an entry in docs/api.md."""
+    import layerfreeze
+
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    entries = set(re.findall(r"^::: layerfreeze\.(\w+)\s*$", api, flags=re.M))
+    missing = [name for name in layerfreeze.__all__ if name not in entries and not name.startswith("__")]
+    assert not missing, f"docs/api.md lacks {missing}"

@@ -6,11 +6,12 @@ and one error family; :class:`Freezer`, :class:`Schedule` and every
 integration are built on those.
 """
 
-from .cache import CacheStats, cache, precompute
 from .core import Transition, apply_change, freeze, frozen, subscribe, unfreeze
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
+    CacheError,
+    CacheTypeError,
     FrozenParameterChanged,
     LayerFreezeError,
     OptimizerSyncError,
@@ -21,6 +22,7 @@ from .errors import (
     SelectorTypeError,
     StateDictError,
 )
+from .feature_cache import CacheStats, cache, precompute
 from .freezer import Freezer
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
@@ -32,7 +34,9 @@ from .timeline import TimelineRow, plot_timeline
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheError",
     "CacheStats",
+    "CacheTypeError",
     "MemoryReport",
     "cache",
     "memory_report",

@@ -97,3 +97,12 @@ class RankMismatchError(LayerFreezeError, RuntimeError):
     def __init__(self, message: str, frozen_by_rank: dict[int, int]) -> None:
         self.frozen_by_rank = frozen_by_rank
         super().__init__(message)
+
+
+class CacheError(LayerFreezeError, ValueError):
+    """A feature cache asked for something it cannot do (bad arguments, a model
+    ``precompute`` cannot call)."""
+
+
+class CacheTypeError(CacheError, TypeError):
+    """A feature cache given an object of the wrong kind (not an ``nn.Module``)."""

@@ -114,7 +114,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         >>> r.params_frozen, r.params_trainable
         (440, 44)
     """
-    from .cache import is_cached
+    from .feature_cache import is_cached
 
     root = unwrap(model)
     params = list(dict.fromkeys(root.parameters()))
