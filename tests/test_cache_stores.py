@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -164,3 +165,61 @@ def test_two_processes_share_one_path_and_write_each_sample_once(tmp_path):
         assert r["ok"]
         # after the shard pass every sample either rank computed is a hit for both
         assert r["hits"] >= len(covered) and r["hits"] + r["misses"] == 64
+
+
+def _repeated(padded):
+    """A batch of 6 holding two samples twice (rows 3 and 5 repeat rows 0 and 1)."""
+    g = torch.Generator().manual_seed(5)
+    if padded:
+        ids = torch.randint(1, 20, (6, 7), generator=g)
+        for i, n in enumerate((7, 4, 5, 3, 6, 2)):
+            ids[i, n:] = 0
+    else:
+        ids = torch.randn(6, 6, generator=g)
+    ids[3], ids[5] = ids[0], ids[1]
+    return ids
+
+
+def _token_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(20, 8), nn.Tanh())
+    lf.freeze(m, mode="eval")
+    return m
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["rows", "tokens"])
+def test_a_sample_repeated_in_one_batch_is_written_once(tmp_path, padded):
+    x = _repeated(padded)
+    make = _token_net if padded else net
+    opts = {"pad_value": 0} if padded else {}
+    cached = lf.cache(make(), store="disk", path=tmp_path, **opts)
+    first = cached(x)
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (d / "index").stat().st_size == 4 * disk._REC.size  # 4 distinct samples, not 6
+    if padded:
+        (tok,) = list(d.glob("*.tok"))
+        assert tok.stat().st_size == (7 + 4 + 5 + 6) * 8 * 4  # the real tokens of the 4 distinct samples
+    else:
+        (smp,) = list(d.glob("*.smp"))
+        assert smp.stat().st_size == 4 * 12
+    again = reopened(tmp_path) if not padded else lf.cache(make(), store="disk", path=tmp_path, **opts)
+    out = again(x)
+    assert again.stats().hits == 6 and again.stats().misses == 0
+    assert torch.equal(out[3], out[0]) and torch.equal(out[5], out[1])  # one stored entry serves both copies
+    torch.testing.assert_close(out, first, rtol=1e-5, atol=1e-6)  # rows of one batch may round differently
+    with torch.no_grad():
+        fresh = make()(x)
+    if padded:
+        fresh = fresh * (x != 0)[..., None]  # padded positions hold 0
+    torch.testing.assert_close(out, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sample_repeated_in_one_batch_is_held_once_in_memory():
+    x = _repeated(False)
+    cached = lf.cache(net())
+    cached(x)
+    store = cached.__dict__["_lf_cache"].memory
+    assert [used[1] for used in store.used.values()] == [4]  # sample rows written: 4 distinct, not 6
+    out = cached(x)
+    assert cached.stats().hits == 6
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)

@@ -64,6 +64,27 @@ def _positional_names(base: type) -> list[str]:
     return [p.name for p in params if p.kind in kinds]
 
 
+def _first_of_each(layout: _Layout, keys: list[bytes], rows: list[torch.Tensor],
+                   counts: list[int]) -> tuple[list[bytes], list[torch.Tensor], list[int]]:
+    """Keep the first of samples that share a key (a batch holding one sample twice,
+    or a data set with repeated rows): each is stored once, not once per copy."""
+    first: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) == len(keys):
+        return keys, rows, counts
+    keep = sorted(first.values())
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    kept = []
+    for r, t in zip(rows, layout.token, strict=True):
+        idx = (_token_index([starts[i] for i in keep], [counts[i] for i in keep], r.device) if t
+               else torch.tensor(keep, dtype=torch.long, device=r.device))
+        kept.append(r.index_select(0, idx))
+    return [keys[i] for i in keep], kept, [counts[i] for i in keep]
+
+
 class _FeatureCache(_FirstCheck):
     """The cache of one module; ``config`` holds the arguments of :func:`cache`."""
 
@@ -414,6 +435,7 @@ class _FeatureCache(_FirstCheck):
         if self._prints is None:
             self._prints = fingerprints(self._tensors())
         lid = layout.ident()
+        keys, rows, counts = _first_of_each(layout, keys, rows, counts)
         done = 0
         if self.memory is not None:
             done = self.memory.put(lid, layout, keys, rows, counts)
