@@ -272,3 +272,49 @@ def test_empty_batches_numpy_scalars_and_non_contiguous_inputs():
     assert cached.stats().hits == 8 and cached.stats().misses == 16
     assert torch.equal(a, b)
     torch.testing.assert_close(c, a * 1.5)
+
+
+# --------------------------------------------------------------------------- under a Freezer
+
+
+class _EncoderHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_a_data_edit_of_a_cached_module_under_a_freezer_is_caught_at_the_next_step():
+    torch.manual_seed(0)
+    model = _EncoderHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fz = lf.Freezer(model, opt)
+    fz.freeze("encoder", mode="eval")
+    model.encoder = lf.cache(model.encoder)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+    batches = list(zip(x.split(4), y.split(4), strict=True))
+
+    def forward_backward(xb, yb):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xb), yb).backward()
+
+    for xb, yb in batches + batches[:1]:  # an epoch fills the cache, the next one starts hitting
+        forward_backward(xb, yb)
+        opt.step()  # the guard checks the frozen encoder after every step: unchanged so far
+    assert model.encoder.stats().hits == 4
+    with torch.no_grad():
+        model.encoder[0].weight.data.mul_(1.5)  # an edit no version counter sees, mid-epoch
+    forward_backward(*batches[1])
+    with pytest.raises(lf.FrozenParameterChanged, match=r"encoder\.0\.weight") as info:
+        opt.step()  # the guard's check after the step
+    assert info.value.names == ["encoder.0.weight"]
+    # a deliberate edit is accepted with refresh(); the cache is then told with verify_cache()
+    fz.refresh()
+    assert model.encoder.verify_cache() is False  # it held features of the old weights: dropped
+    for xb, _ in batches:
+        torch.testing.assert_close(model.encoder(xb), fresh(model.encoder, xb), **TOL)
+    fz.check()

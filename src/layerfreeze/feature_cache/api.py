@@ -166,7 +166,12 @@ def cache(
     any sample a second time since the last deep check* (so at least once per
     epoch of a loop that revisits its samples), every ``verify_every`` calls and
     on ``verify_cache()``. Such an edit is therefore served stale at most once
-    per sample, and never after ``verify_every`` calls.
+    per sample, and never after ``verify_every`` calls. Under a
+    :class:`~layerfreeze.Freezer` with its guard on, such an edit of the
+    frozen weights raises :class:`~layerfreeze.FrozenParameterChanged` after
+    the next optimizer step; after accepting a deliberate edit with
+    ``Freezer.refresh()``, call ``verify_cache()`` (the Freezer does not tell
+    the cache).
 
     **Copies.** ``copy.deepcopy`` and pickling (``torch.save(model)``) keep
     the settings, not the features: the copy starts with an empty cache of its
@@ -279,9 +284,27 @@ def precompute(
     (checked on the first batch), the rest of the model's forward is skipped
     once the features are stored, so the pass costs about as much as running
     the cached modules alone, plus the rest of the model's forward on the
-    first batch (the check). Under DDP, give each rank its shard (a
-    ``DistributedSampler``) and one ``store="disk"`` path: ranks share what
-    the others computed.
+    first batch (the check).
+
+    **Under DDP** (ranks on one machine): cache with ``store="disk"`` and the
+    same ``path`` on every rank, give each rank a loader over its own shard (a
+    ``DistributedSampler``), call ``precompute`` on the unwrapped model
+    (``ddp.module``, or before wrapping: DDP's forward adds nothing to a
+    no-grad pass and may run collectives, such as buffer broadcasts, that
+    every rank must join), then ``dist.barrier()``, so that every rank's
+    features are on disk before training starts. Each rank computes its shard
+    only; afterwards the samples any rank computed are hits for all of them,
+    whatever shard a later epoch's shuffle gives it, and each sample is on
+    disk once::
+
+        model.encoder = lf.cache(model.encoder, store="disk", path="/scratch/features")
+        ddp = DistributedDataParallel(model)
+        sampler = DistributedSampler(dataset)
+        lf.precompute(ddp.module, DataLoader(dataset, batch_size=32, sampler=sampler))
+        dist.barrier()
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            ...  # the training loop, unchanged
 
     Args:
         model: a model holding modules wrapped by :func:`cache`.
