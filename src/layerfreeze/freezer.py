@@ -30,9 +30,9 @@ from .core import Change, Mode, Transition, apply_change, subscribe
 from .errors import ArgumentError, ArgumentTypeError, StateDictError
 from .guard import Guard, GuardListener
 from .holds import check_mode, holds_for, kept_in_eval, releases_for
-from .lrsched import check_scheduler, unwrap_optimizer, unwrap_scheduler
+from .lrsched import check_lr, check_scheduler, scheduled_by_unknown, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
-from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int, as_number
+from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
 
@@ -138,10 +138,7 @@ class Freezer:
                 "guard=N checks after every N-th optimizer step"
             )
         if unfreeze_lr is not None:
-            lr = as_number(unfreeze_lr)
-            if lr is None or lr < 0:
-                raise ArgumentError(f"unfreeze_lr must be a non-negative number or None, got {unfreeze_lr!r}")
-            unfreeze_lr = lr
+            unfreeze_lr = check_lr("unfreeze_lr", unfreeze_lr)
         self._guard_every = every
         self.schedule = schedule
         index = ModelIndex(self.module)
@@ -170,6 +167,14 @@ class Freezer:
             else None
         )
         if self.sync is not None and schedule is not None:
+            if scheduled_by_unknown(self.sync.optimizer, found) and self.sync.would_regroup(
+                index, schedule.trainable_scales(index), add_missing=on_missing == "add"
+            ):
+                raise ArgumentError(
+                    "the optimizer is scheduled by an LR scheduler made before the Freezer and not "
+                    "passed to it; the param groups this schedule needs would break that scheduler. "
+                    "Pass it as Freezer(..., lr_scheduler=scheduler), or build the scheduler after the Freezer"
+                )
             self.sync.register(index, schedule.trainable_scales(index), add_missing=on_missing == "add")
         #: transitions made outside set_epoch/set_step (adaptive freezes after
         #: an optimizer step); the next set_epoch/set_step returns them too
@@ -200,6 +205,17 @@ class Freezer:
             for party in (self.sync, self._guard_party)
             if party is not None
         ]
+        # a model.load_state_dict() is a deliberate change: its values become
+        # the frozen reference
+        guard_ref = weakref.ref(self.guard)
+
+        def loaded(module: nn.Module, incompatible: Any) -> None:
+            guard = guard_ref()
+            if guard is not None:
+                guard.refresh()
+
+        self._load_hook = self.module.register_load_state_dict_post_hook(loaded)
+        weakref.finalize(self, self._load_hook.remove)
         # DDP must learn each new trainable set and ranks must agree on it;
         # nothing is attached for a model that is not distributed.
         self.attach_distributed(model)
@@ -293,9 +309,10 @@ class Freezer:
             for party in (self.sync, self._guard_party, self.adaptive):
                 if party is not None:
                     party.close()
-            tick = getattr(self, "_tick", None)
-            if tick is not None:
-                tick.remove()
+            for name in ("_tick", "_load_hook"):
+                handle = getattr(self, name, None)
+                if handle is not None:
+                    handle.remove()
 
     # ------------------------------------------------------------------ direct calls
 
@@ -322,10 +339,7 @@ class Freezer:
             Canonical names of the selected parameters.
         """
         if lr is not None:
-            value = as_number(lr)
-            if value is None or value < 0:
-                raise ArgumentError(f"lr must be a non-negative number, got {lr!r}")
-            lr = value
+            lr = check_lr("lr", lr)
         index = ModelIndex(self.module)
         res = resolve(index, selectors, exclude)
         apply_change(

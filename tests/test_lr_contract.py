@@ -1,0 +1,151 @@
+"""The lr contract: an lr asked for at unfreeze is the group's base lr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+import layerfreeze as lf
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _step(net: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    nn.functional.mse_loss(net(x), torch.zeros(8, 1)).backward()
+    opt.step()
+
+
+def _group_of(opt: torch.optim.Optimizer, p: nn.Parameter) -> dict:
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def test_lr_asked_at_unfreeze_moves_held_parameters_keeping_state_and_options() -> None:
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.3)
+    fz = lf.Freezer(net, opt)
+    _step(net, opt)
+    w = net.backbone[0].weight
+    moment = opt.state[w]["exp_avg"]
+    fz.freeze("backbone")
+    fz.unfreeze("backbone", lr=1e-4)
+    group = _group_of(opt, w)
+    assert group["lr"] == 1e-4
+    assert group["weight_decay"] == 0.3
+    assert opt.state[w]["exp_avg"] is moment  # the optimizer state stayed
+    assert _group_of(opt, net.head.weight)["lr"] == 1e-2
+    before = w.detach().clone()
+    _step(net, opt)
+    assert not torch.equal(w, before)
+
+
+def test_unfreeze_lr_moves_held_parameters_of_a_schedule() -> None:
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    fz = lf.Freezer(net, opt, lf.Schedule().freeze("backbone", until_epoch=1), unfreeze_lr=1e-3)
+    groups = len(opt.param_groups)  # made up front, so a checkpoint has them at every epoch
+    fz.set_epoch(0)
+    fz.set_epoch(1)
+    assert len(opt.param_groups) == groups == 2
+    assert _group_of(opt, net.backbone[0].weight)["lr"] == 1e-3
+    assert _group_of(opt, net.head.weight)["lr"] == 1e-2
+
+
+def test_one_cycle_backbone_peaks_at_the_lr_asked_for() -> None:
+    net = Net()
+    lf.freeze(net, "backbone")
+    opt = torch.optim.AdamW(net.head.parameters(), lr=1e-2)
+    s = sched.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    fz = lf.Freezer(net, opt, lf.Schedule().freeze("backbone", until_step=2), unfreeze_lr=1e-3, lr_scheduler=s)
+    peaks = [0.0, 0.0]
+    for step in range(20):
+        fz.set_step(step)
+        _step(net, opt)
+        s.step()
+        head, backbone = opt.param_groups[0]["lr"], _group_of(opt, net.backbone[0].weight)["lr"]
+        assert backbone == pytest.approx(head / 10, rel=1e-9)
+        peaks = [max(peaks[0], head), max(peaks[1], backbone)]
+    assert peaks[0] == pytest.approx(1e-2, rel=0.05)
+    assert peaks[1] == pytest.approx(1e-3, rel=0.05)
+    assert _group_of(opt, net.backbone[0].weight)["max_lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, "1e-3", True])
+def test_bad_lrs_are_refused_and_nothing_changes(bad: object) -> None:
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with pytest.raises(lf.ArgumentError, match="unfreeze_lr must be a finite non-negative number"):
+        lf.Freezer(net, opt, unfreeze_lr=bad)  # type: ignore[arg-type]
+    fz = lf.Freezer(net, opt)
+    fz.freeze("backbone")
+    layout = [(len(g["params"]), g["lr"]) for g in opt.param_groups]
+    with pytest.raises(lf.ArgumentError, match="lr must be a finite non-negative number"):
+        fz.unfreeze("backbone", lr=bad)  # type: ignore[arg-type]
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    assert [(len(g["params"]), g["lr"]) for g in opt.param_groups] == layout
+
+
+@pytest.mark.parametrize("kind", ["LambdaLR", "OneCycleLR", "StepLR"])
+def test_a_scheduler_made_before_and_not_passed_is_named(kind: str) -> None:
+    net = Net()
+    lf.freeze(net, "backbone")
+    opt = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    make = {
+        "LambdaLR": lambda: sched.LambdaLR(opt, lambda e: 0.9**e),
+        "OneCycleLR": lambda: sched.OneCycleLR(opt, max_lr=0.1, total_steps=10),
+        "StepLR": lambda: sched.StepLR(opt, step_size=1),
+    }
+    s = make[kind]()
+    with pytest.raises(lf.ArgumentError, match=r"lr_scheduler=scheduler"):
+        lf.Freezer(net, opt, lf.Schedule().freeze("backbone", until_epoch=1))
+    assert len(opt.param_groups) == 1
+    # a direct unfreeze that would add a group is refused, with nothing changed
+    fz = lf.Freezer(net, opt)
+    with pytest.raises(lf.ArgumentError, match=r"lr_scheduler=scheduler"):
+        fz.unfreeze("backbone")
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    assert len(opt.param_groups) == 1
+    # passed, it works
+    fz = lf.Freezer(net, opt, lr_scheduler=s)
+    fz.unfreeze("backbone")
+    _step(net, opt)
+    s.step()
+    assert len(opt.param_groups) == 2
+
+
+def test_load_state_dict_is_taken_as_the_frozen_reference() -> None:
+    net, other = Net(), Net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt)
+    fz.freeze("backbone")
+    net.load_state_dict(other.state_dict())
+    _step(net, opt)  # no FrozenParameterChanged
+    fz.check()
+    torch.testing.assert_close(net.backbone[0].weight, other.backbone[0].weight, rtol=0, atol=0)
+    with torch.no_grad():
+        net.backbone[0].weight.add_(1.0)  # a rogue edit is still caught
+    with pytest.raises(lf.FrozenParameterChanged, match="backbone.0.weight"):
+        _step(net, opt)
+
+
+def test_a_closed_freezer_leaves_no_load_hook() -> None:
+    net = Net()
+    fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert len(net._load_state_dict_post_hooks) == 1
+    fz.close()
+    assert len(net._load_state_dict_post_hooks) == 0
