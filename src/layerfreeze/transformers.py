@@ -146,7 +146,7 @@ def _calling_trainer(callback: Any) -> Any:
 
     from transformers import Trainer
 
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             return None
