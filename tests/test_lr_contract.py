@@ -149,3 +149,79 @@ def test_a_closed_freezer_leaves_no_load_hook() -> None:
     assert len(net._load_state_dict_post_hooks) == 1
     fz.close()
     assert len(net._load_state_dict_post_hooks) == 0
+
+
+# ---------------------------------------------------------------- the contract, every scheduler kind
+
+LR, ASK, DECAY = 0.1, 0.03, 0.5
+
+SCHEDULERS = {
+    "LambdaLR": lambda opt: sched.LambdaLR(opt, lambda e: 0.9**e),
+    "StepLR": lambda opt: sched.StepLR(opt, step_size=3, gamma=0.5),
+    "MultiStepLR": lambda opt: sched.MultiStepLR(opt, milestones=[2, 5, 7], gamma=0.3),
+    "ExponentialLR": lambda opt: sched.ExponentialLR(opt, gamma=0.8),
+    "CosineAnnealingLR": lambda opt: sched.CosineAnnealingLR(opt, T_max=10),
+    # each group's base is its peak: max_lr per group is the group's lr
+    "OneCycleLR": lambda opt: sched.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=40),
+    "ReduceLROnPlateau": lambda opt: sched.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+}
+
+
+def _stack() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 1))
+
+
+def _asked(model: nn.Sequential, ask: str) -> dict[int, float]:
+    """The base lr each backbone parameter was asked for."""
+    layers = list(model[0])
+    if ask == "lr_decay":
+        return {id(p): LR * DECAY**k for k, layer in enumerate(reversed(layers)) for p in layer.parameters()}
+    return {id(p): ASK for p in model[0].parameters()}
+
+
+@pytest.mark.parametrize("built_from", ["trainable", "all"])
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("ask", ["lr_decay", "unfreeze_lr", "unfreeze(lr=)"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_group_trains_at_its_base_times_the_head_factor(name: str, ask: str, order: str, built_from: str) -> None:
+    model = _stack()
+    lf.freeze(model, "0")
+    params = model[1].parameters() if built_from == "trainable" else model.parameters()
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    schedule = {
+        "lr_decay": lf.Schedule().gradual_unfreeze("0", start_epoch=1, lr_decay=DECAY),
+        "unfreeze_lr": lf.Schedule().freeze("0", until_epoch=1),
+        "unfreeze(lr=)": None,
+    }[ask]
+    kwargs = {"unfreeze_lr": ASK} if ask == "unfreeze_lr" else {}
+    if order == "before":
+        s = SCHEDULERS[name](opt)
+        fz = lf.Freezer(model, opt, schedule, lr_scheduler=s, **kwargs)
+    else:
+        fz = lf.Freezer(model, opt, schedule, **kwargs)
+        s = SCHEDULERS[name](opt)
+        fz.add_lr_scheduler(s)  # a group no rule foresaw may still be added
+    asked = _asked(model, ask)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    factors = []
+    for epoch in range(5):
+        fz.set_epoch(epoch)
+        if ask == "unfreeze(lr=)" and epoch == 1:
+            fz.unfreeze("0", lr=ASK)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            s.step(1.0) if isinstance(s, sched.ReduceLROnPlateau) else s.step()
+            factor = opt.param_groups[0]["lr"] / LR  # what the scheduler applies to the original group
+            factors.append(factor)
+            for group in opt.param_groups:
+                trained = [p for p in group["params"] if p.requires_grad and id(p) in asked]
+                if not trained:
+                    continue
+                bases = {asked[id(p)] for p in trained}
+                assert len(bases) == 1, "parameters asked for different lrs share a group"
+                assert group["lr"] == pytest.approx(bases.pop() * factor, rel=1e-9)
+    assert len({round(f, 12) for f in factors}) > 2  # the scheduler did change the lr
+    assert all(p.requires_grad for p in model.parameters())

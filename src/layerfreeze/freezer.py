@@ -241,6 +241,21 @@ class Freezer:
         """LR schedulers made before the Freezer, repaired when groups are added."""
         return self.sync.lr_schedulers if self.sync is not None else []
 
+    def add_lr_scheduler(self, scheduler: Any) -> None:
+        """Repair ``scheduler`` too whenever a param group is added, like one
+        passed as ``lr_scheduler=`` (for a scheduler made after the Freezer,
+        before a transition that adds a group no rule foresaw).
+
+        Raises:
+            ArgumentTypeError: not a torch LR scheduler.
+            ArgumentError: it schedules another optimizer, or the Freezer has none.
+        """
+        found = unwrap_scheduler(scheduler)
+        check_scheduler(found, self.sync.optimizer if self.sync is not None else None)
+        assert self.sync is not None
+        if found not in self.sync.lr_schedulers:
+            self.sync.lr_schedulers.append(found)
+
     @property
     def _distributed(self) -> Any:
         return self.distributed

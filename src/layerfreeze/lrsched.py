@@ -82,7 +82,7 @@ def _extend(values: list[Any], n: int, make: Any) -> None:
         values.append(make())
 
 
-def extend_scheduler(scheduler: Any, first_new: int) -> None:
+def extend_scheduler(scheduler: Any, first_new: int, reference: float | None = None) -> None:
     """Give the param groups from index ``first_new`` on their entries in
     ``scheduler``'s bookkeeping, and their lr.
 
@@ -100,6 +100,8 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         scheduler: a torch LR scheduler (any ``LRScheduler`` or
             ``ReduceLROnPlateau``).
         first_new: index of the first param group the scheduler does not know.
+        reference: group 0's base lr, for a scheduler that does not record it
+            (``ReduceLROnPlateau``); default: group 0's ``initial_lr``, else its lr.
 
     Example:
         >>> import torch
@@ -118,6 +120,8 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         return
     group0 = groups[0]
     base0 = _reference_base(scheduler, optimizer)
+    if reference is not None and isinstance(scheduler, sched.ReduceLROnPlateau):
+        base0 = reference
     for g in range(first_new, n):
         new = groups[g]
         base = float(new.get("initial_lr", new["lr"]))
@@ -134,7 +138,7 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
                     new[key] = group0[key]
         new["lr"] = group0["lr"] * s
     for child in _children(scheduler):
-        extend_scheduler(child, first_new)
+        extend_scheduler(child, first_new, reference)
 
     scales = [float(groups[g].get("initial_lr", groups[g]["lr"])) / base0 if base0 else 1.0 for g in range(n)]
     bases = getattr(scheduler, "base_lrs", None)
@@ -166,10 +170,10 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def extend_schedulers(schedulers: list[Any], first_new: int) -> None:
+def extend_schedulers(schedulers: list[Any], first_new: int, reference: float | None = None) -> None:
     """:func:`extend_scheduler` for each scheduler in turn."""
     for scheduler in schedulers:
-        extend_scheduler(scheduler, first_new)
+        extend_scheduler(scheduler, first_new, reference)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -137,7 +137,7 @@ class OptimizerSync:
             raise ArgumentError(
                 "this change adds a param group to an optimizer that an LR scheduler unknown to the "
                 "Freezer schedules; the scheduler would break (or ignore the group). Pass it as "
-                "Freezer(..., lr_scheduler=scheduler), or build the scheduler after the Freezer"
+                "Freezer(..., lr_scheduler=scheduler) or to freezer.add_lr_scheduler(scheduler)"
             )
 
     def _asked_lr(self, change: Change, name: str) -> float | None:
@@ -201,7 +201,7 @@ class OptimizerSync:
         before = len(groups)
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
-        extend_schedulers(self.lr_schedulers, before)
+        extend_schedulers(self.lr_schedulers, before, self.group_base(0))
 
     def add_group(self, names: list[str], params: list[nn.Parameter], lr: float) -> None:
         # LR schedulers read initial_lr when they are built (or resumed) on an
@@ -210,7 +210,7 @@ class OptimizerSync:
         group: dict[str, Any] = {"params": params, "lr": lr, "initial_lr": lr}
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
-        extend_schedulers(self.lr_schedulers, before)
+        extend_schedulers(self.lr_schedulers, before, self.group_base(0))
 
     # ------------------------------------------------------------------ the schedule's groups
 
