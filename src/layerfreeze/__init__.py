@@ -28,6 +28,7 @@ from .rules import AdaptiveFreezeRule, FreezeRule, GradualUnfreezeRule, Progress
 from .schedule import Schedule
 from .selectors import select
 from .timeline import TimelineRow, plot_timeline
+from .warmup import Warmup
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "SelectorTypeError",
     "StateDictError",
     "Transition",
+    "Warmup",
     "apply_change",
     "count_parameters",
     "freeze",

@@ -35,6 +35,7 @@ from .optim import OptimizerSync
 from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
+from .warmup import Warmup, WarmupParty
 
 __all__ = ["Freezer"]
 
@@ -123,6 +124,7 @@ class Freezer:
         unfreeze_lr: float | None = None,
         on_missing: str = "add",
         lr_scheduler: Any = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self._wrapper = model
         self.module = unwrap(model)
@@ -157,6 +159,10 @@ class Freezer:
                 "an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step; "
                 "pass optimizer= to the Freezer"
             )
+        if warmup is not None and not isinstance(warmup, Warmup):
+            raise ArgumentTypeError(f"warmup must be a layerfreeze Warmup, got {type(warmup).__name__}")
+        if warmup is not None and inner is None:
+            raise ArgumentError("warmup= ramps an optimizer's lr: pass optimizer= too")
         self._clock = _Clock()
         self.sync = (
             OptimizerSync(
@@ -166,6 +172,8 @@ class Freezer:
             if inner is not None
             else None
         )
+        if self.sync is not None:
+            self.sync.own_groups = warmup is not None
         if self.sync is not None and schedule is not None:
             if scheduled_by_unknown(self.sync.optimizer, found) and self.sync.would_regroup(
                 index, schedule.trainable_scales(index), add_missing=on_missing == "add"
@@ -200,9 +208,23 @@ class Freezer:
         self.adaptive = adaptive if adaptive else None
         #: the DDP / FSDP2 party, when the model is distributed
         self.distributed: Any = None
+        #: the lr warm-up party (None without ``warmup=``)
+        self.warmup: WarmupParty | None = None
+        if warmup is not None:
+            me = weakref.ref(self)
+            clock = self._clock
+
+            def now() -> int | None:
+                if warmup.steps is not None:
+                    return clock.count
+                freezer = me()
+                return freezer.epoch if freezer is not None else None
+
+            assert self.sync is not None
+            self.warmup = WarmupParty(warmup, self.sync.optimizer, now)
         self._subscriptions = [
             subscribe(self.module, party, weak=True)
-            for party in (self.sync, self._guard_party)
+            for party in (self.sync, self._guard_party, self.warmup)
             if party is not None
         ]
         # a model.load_state_dict() is a deliberate change: its values become
@@ -299,13 +321,13 @@ class Freezer:
 
     def validate(self, change: Change) -> None:
         """Run every party's validation of ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
             if party is not None:
                 party.validate(change)
 
     def apply(self, change: Change) -> None:
         """Have every party follow ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
             if party is not None:
                 party.apply(change)
 
@@ -321,7 +343,7 @@ class Freezer:
             for sub in self._subscriptions:
                 sub.remove()
             self._subscriptions.clear()
-            for party in (self.sync, self._guard_party, self.adaptive):
+            for party in (self.sync, self._guard_party, self.adaptive, self.warmup):
                 if party is not None:
                     party.close()
             for name in ("_tick", "_load_hook"):
@@ -444,6 +466,7 @@ class Freezer:
             "added_groups": self.sync.state_dict()["added_groups"] if self.sync is not None else [],
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "grad_norms": self.adaptive.state_dict() if self.adaptive is not None else {},
+            "warmup": self.warmup.state_dict() if self.warmup is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -505,6 +528,8 @@ class Freezer:
             self.schedule.load_state_dict(state["schedule"])
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state.get("grad_norms") or {})
+        if self.warmup is not None:
+            self.warmup.load_state_dict(state.get("warmup") or {})
         self.guard.refresh()
 
 

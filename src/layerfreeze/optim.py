@@ -74,6 +74,9 @@ class OptimizerSync:
         self.unfreeze_lr = unfreeze_lr
         self.on_missing = on_missing
         self.lr_schedulers: list[Any] = list(lr_schedulers)
+        #: give parameters a schedule unfreezes groups without other
+        #: parameters (an lr warm-up ramps whole groups)
+        self.own_groups = False
         self._lrs0 = [float(g["lr"]) for g in optimizer.param_groups]
         #: groups this object added: (canonical names, lr) in order, for checkpoints
         self.added: list[tuple[list[str], float]] = []
@@ -256,13 +259,16 @@ class OptimizerSync:
     ) -> dict[tuple[int, float], list[str]]:
         groups = self.optimizer.param_groups
         where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        scheduled = {id(index.by_canonical[n]) for n in scales}
         moves: dict[tuple[int, float], list[str]] = {}
         for name, scale in scales.items():
             source = where.get(id(index.by_canonical[name]))
-            if source is None or (scale is None and self.unfreeze_lr is None):
+            if source is None or (scale is None and self.unfreeze_lr is None and not self.own_groups):
                 continue
-            lr = base * (1.0 if scale is None else scale)
-            if math.isclose(self.group_base(source), lr, rel_tol=1e-12, abs_tol=0.0):
+            mixed = self.own_groups and any(id(q) not in scheduled for q in groups[source]["params"])
+            lr = self.group_base(source) if scale is None and self.unfreeze_lr is None else \
+                base * (1.0 if scale is None else scale)
+            if math.isclose(self.group_base(source), lr, rel_tol=1e-12, abs_tol=0.0) and not mixed:
                 continue
             moves.setdefault((source, lr), []).append(name)
         return moves
