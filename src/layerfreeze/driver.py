@@ -168,13 +168,29 @@ class Driver:
             self._restored = saved
 
 
-def wrap_after(obj: Any, name: str, then: Callable[[Any], None]) -> None:
-    """Replace the bound method ``obj.name`` by one that calls ``then`` with its result."""
+def wrap_after(obj: Any, name: str, then: Callable[..., None], *, with_args: bool = False) -> None:
+    """Replace the bound method ``obj.name`` by one that calls ``then`` with
+    its result (and, ``with_args``, the call's arguments after it)."""
     original = getattr(obj, name)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        then(out)
+        if with_args:
+            then(out, *args, **kwargs)
+        else:
+            then(out)
         return out
+
+    setattr(obj, name, call)
+
+
+def wrap_before(obj: Any, name: str, first: Callable[..., None]) -> None:
+    """Replace the bound method ``obj.name`` by one that calls ``first`` with
+    the call's arguments, then the method."""
+    original = getattr(obj, name)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        first(*args, **kwargs)
+        return original(*args, **kwargs)
 
     setattr(obj, name, call)

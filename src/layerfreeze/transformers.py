@@ -29,8 +29,11 @@ the weight decay of the group they came from. A callback added with
 its Freezer is made at ``on_train_begin``, with the Trainer's LR scheduler,
 and a resume whose schedule needs groups of its own is then not possible.
 
-On resume, the frozen set is re-derived from the Trainer's epoch and step,
-which is exact for every rule except the data-dependent ``adaptive_freeze``.
+The Freezer's state (frozen set, schedule position, warm-ups, adaptive
+statistics) is saved as ``layerfreeze.pt`` next to the optimizer in every
+checkpoint the Trainer writes, and loaded with it on
+``train(resume_from_checkpoint=...)``; without that file the frozen set is
+re-derived from the Trainer's epoch and step.
 Under several processes the Trainer's DDP wrapper is not visible to callbacks:
 step 1 makes DDP register every parameter the schedule trains, so pass
 ``ddp_find_unused_parameters=True`` in the ``TrainingArguments`` for freezes
@@ -43,16 +46,21 @@ LayerFreezeCallback``); ``import layerfreeze`` never imports transformers.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
-from .driver import Driver, wrap_after
+from .driver import Driver, wrap_after, wrap_before
 from .freezer import Freezer
 from .schedule import Schedule
 
 __all__ = ["LayerFreezeCallback"]
+
+#: the Freezer's state in a Trainer checkpoint folder
+STATE_FILE = "layerfreeze.pt"
 
 
 class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
@@ -106,6 +114,19 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
                 self._early = True
 
         wrap_after(trainer, "create_optimizer", built)
+
+        def saved(output_dir: str) -> None:
+            owner = ref()
+            if owner is not None and owner.args.should_save and self.driver.freezer is not None:
+                torch.save(self.driver.state_dict(), os.path.join(output_dir, STATE_FILE))
+
+        def loading(checkpoint: str | None) -> None:
+            path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+            if path is not None and os.path.exists(path):
+                self.driver.load_state_dict(torch.load(path, weights_only=True))
+
+        wrap_after(trainer, "_save_optimizer_and_scheduler", lambda out, *a, **k: saved(*a, **k), with_args=True)
+        wrap_before(trainer, "_load_optimizer_and_scheduler", loading)
 
     def on_train_begin(
         self,
