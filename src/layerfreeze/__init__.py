@@ -22,6 +22,7 @@ from .errors import (
     StateDictError,
 )
 from .freezer import Freezer
+from .layerdecay import layer_decay_groups
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
 from .rules import AdaptiveFreezeRule, FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, Rule
@@ -65,6 +66,7 @@ __all__ = [
     "count_parameters",
     "freeze",
     "frozen",
+    "layer_decay_groups",
     "select",
     "subscribe",
     "summary",
