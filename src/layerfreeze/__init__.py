@@ -25,7 +25,14 @@ from .freezer import Freezer
 from .layerdecay import layer_decay_groups
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
-from .rules import AdaptiveFreezeRule, FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, Rule
+from .rules import (
+    AdaptiveFreezeRule,
+    FreezeRule,
+    GradualUnfreezeRule,
+    PlateauUnfreezeRule,
+    ProgressiveFreezeRule,
+    Rule,
+)
 from .schedule import Schedule
 from .selectors import select
 from .timeline import TimelineRow, plot_timeline
@@ -42,6 +49,7 @@ __all__ = [
     "AdaptiveFreezeRule",
     "FreezeRule",
     "GradualUnfreezeRule",
+    "PlateauUnfreezeRule",
     "ProgressiveFreezeRule",
     "Rule",
     "TimelineRow",

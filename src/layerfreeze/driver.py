@@ -1,6 +1,6 @@
 """What every trainer callback does, in one place.
 
-A trainer callback has to do the same five things whatever the framework:
+A trainer callback has to do the same six things whatever the framework:
 
 1. before the framework builds its optimizer, make trainable every parameter
    the schedule may train at the base lr, so that an optimizer built from the
@@ -12,7 +12,8 @@ A trainer callback has to do the same five things whatever the framework:
 3. follow the framework's DDP wrapper (:meth:`Driver.attach`);
 4. apply the schedule, the step first and then the epoch, so that an epoch
    transition carries the right step (:meth:`Driver.advance`);
-5. carry the Freezer's state in the framework's checkpoints
+5. hand evaluation metrics to metric-driven rules (:meth:`Driver.report`);
+6. carry the Freezer's state in the framework's checkpoints
    (:meth:`Driver.state_dict` / :meth:`Driver.load_state_dict`), whether the
    framework restores it before or after the Freezer exists.
 
@@ -138,6 +139,15 @@ class Driver:
             made += self.freezer.set_step(step)
         if epoch is not None:
             made += self.freezer.set_epoch(epoch)
+        self.transitions += made
+        return made
+
+    def report(self, metrics: dict[str, Any] | None) -> list[Transition]:
+        """Hand evaluation metrics to the schedule's metric-driven rules (see
+        :meth:`layerfreeze.Freezer.report`); returns the transitions made."""
+        if self.freezer is None or not metrics:
+            return []
+        made = self.freezer.report(**{str(k): v for k, v in metrics.items()})
         self.transitions += made
         return made
 

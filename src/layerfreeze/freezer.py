@@ -32,7 +32,7 @@ from .guard import Guard, GuardListener
 from .holds import check_mode, holds_for, kept_in_eval, releases_for
 from .lrsched import check_lr, check_scheduler, scheduled_by_unknown, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
-from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int
+from .rules import AdaptiveFreezeRule, AdaptiveStats, PlateauUnfreezeRule, as_int, as_number
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
 from .warmup import Warmup, WarmupParty
@@ -187,6 +187,8 @@ class Freezer:
         #: transitions made outside set_epoch/set_step (adaptive freezes after
         #: an optimizer step); the next set_epoch/set_step returns them too
         self._pending: list[Transition] = []
+        #: the best weights of each ``restore_best`` metric rule, by rule id
+        self._best: dict[int, dict[str, torch.Tensor]] = {}
         self.epoch: int | None = None
         self.step: int | None = None
         if inner is not None:
@@ -431,6 +433,45 @@ class Freezer:
             index=index,
             options={"epoch": self.epoch, "step": self.step, "lr": lrs},
         )
+
+    # ------------------------------------------------------------------ metrics
+
+    def report(self, **metrics: Any) -> list[Transition]:
+        """Hand evaluation metrics to the schedule's metric-driven rules
+        (:class:`~layerfreeze.rules.PlateauUnfreezeRule`); a rule whose
+        ``monitor`` is among them counts one evaluation, and the transitions
+        it triggers are made now (after loading the best weights, with
+        ``restore_best``).
+
+        Args:
+            **metrics: name -> value (a number or a one-element tensor).
+
+        Returns:
+            The transitions made.
+
+        Raises:
+            ArgumentError: a monitored value is not a number.
+        """
+        rules = [r for r in (self.schedule.rules if self.schedule is not None else [])
+                 if isinstance(r, PlateauUnfreezeRule) and r.monitor in metrics]
+        values = {}
+        for rule in rules:
+            raw = metrics[rule.monitor]
+            value = as_number(raw.item() if isinstance(raw, torch.Tensor) and raw.numel() == 1 else raw)
+            if value is None:
+                raise ArgumentError(f"report({rule.monitor}=...) must be a number, got {raw!r}")
+            values[id(rule)] = value
+        grew = False
+        for rule in rules:
+            if rule.update(values[id(rule)]):
+                grew = True
+                best = self._best.get(id(rule)) if rule.restore_best else None
+                if best is not None:
+                    self.module.load_state_dict(best)
+            elif rule.improved and rule.restore_best:
+                self._best[id(rule)] = {k: v.detach().to("cpu", copy=True)
+                                        for k, v in self.module.state_dict().items()}
+        return self._take_pending() + (self._apply_schedule() if grew else [])
 
     # ------------------------------------------------------------------ guard
 

@@ -15,6 +15,8 @@
 * ``on_train_start`` / ``on_train_epoch_start`` / ``on_train_batch_start``:
   the schedule is applied at ``trainer.global_step`` and then at
   ``trainer.current_epoch`` (restored by then on resume).
+* ``on_validation_end``: ``trainer.callback_metrics`` go to the schedule's
+  metric-driven rules (``unfreeze_on_plateau``, see :meth:`layerfreeze.Freezer.report`).
 * ``state_dict`` / ``load_state_dict``: the Freezer's state travels in
   Lightning checkpoints.
 
@@ -92,6 +94,10 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.driver.advance(step=trainer.global_step)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.driver.report(dict(trainer.callback_metrics))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # keep the Freezer's state for a checkpoint saved after fit()

@@ -19,7 +19,9 @@ translates the Trainer's events into the calls of a
    exists when the saved groups are matched, and the LR scheduler, made
    after, covers every group.
 3. When training starts (``on_train_begin``) and then at every step and epoch
-   start, the schedule is applied, the step first.
+   start, the schedule is applied, the step first; the metrics of every
+   evaluation (``on_evaluate``) go to the schedule's metric-driven rules
+   (``unfreeze_on_plateau``, see :meth:`layerfreeze.Freezer.report`).
 
 Parameters that belong to no group of the Trainer's are added by the Freezer
 as new groups with weight decay ``args.weight_decay``; parameters it trains
@@ -154,6 +156,9 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._advance(state, epoch=False)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        self.driver.report(metrics)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.driver.close()
