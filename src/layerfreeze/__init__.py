@@ -22,6 +22,7 @@ from .errors import (
     StateDictError,
 )
 from .freezer import Freezer
+from .frozenbn import FrozenBatchNorm, freeze_batchnorm, unfreeze_batchnorm
 from .layerdecay import layer_decay_groups
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
@@ -74,6 +75,9 @@ __all__ = [
     "count_parameters",
     "freeze",
     "frozen",
+    "FrozenBatchNorm",
+    "freeze_batchnorm",
+    "unfreeze_batchnorm",
     "layer_decay_groups",
     "select",
     "subscribe",
