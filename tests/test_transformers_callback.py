@@ -182,3 +182,11 @@ def test_unfreeze_lr_moves_the_trainer_groups(tmp_path: Any) -> None:
     for lrs in probe.lrs:
         factors = {round(lr / base, 9) for lr, base in zip(lrs, bases, strict=True)}
         assert len(factors) == 1
+
+
+def test_epoch_transitions_carry_the_step_they_happen_at(tmp_path: Any) -> None:
+    # the step first, then the epoch, as in Lightning: the unfreeze at epoch 1
+    # happens before optimizer step 2 (2 steps an epoch)
+    cb = LayerFreezeCallback(lf.Schedule().freeze("bert", until_epoch=1))
+    transformers.Trainer(model=_model(), args=_args(tmp_path, epochs=2), train_dataset=_data(), callbacks=[cb]).train()
+    assert [(t.action, t.epoch, t.step) for t in cb.transitions] == [("freeze", 0, 0), ("unfreeze", 1, 2)]
