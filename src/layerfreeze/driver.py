@@ -45,6 +45,7 @@ class Driver:
 
     Attributes:
         freezer: the Freezer between :meth:`start` and :meth:`stop`.
+        last: the Freezer of the last run, closed, after :meth:`stop`.
         transitions: every transition made, in order.
 
     Raises:
@@ -67,6 +68,8 @@ class Driver:
         self.schedule = schedule
         self.freezer_kwargs = dict(freezer_kwargs)
         self.freezer: Freezer | None = None
+        #: the Freezer of the last run, closed, after :meth:`stop`
+        self.last: Freezer | None = None
         self.transitions: list[Transition] = []
         self._restored: dict[str, Any] | None = None
 
@@ -98,6 +101,7 @@ class Driver:
             The Freezer.
         """
         self.close()
+        self.last = None
         groups_before = len(optimizer.param_groups) if optimizer is not None else 0
         held = optimizer_param_ids(optimizer) if optimizer is not None else set()
         self.freezer = Freezer(
@@ -155,6 +159,7 @@ class Driver:
         """Keep the Freezer's state (for a checkpoint saved after training) and close it."""
         if self.freezer is not None:
             self._restored = self.freezer.state_dict()
+        self.last = self.freezer
         self.close()
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ assembles :meth:`Freezer.state_dict` from the parts. Dropping the Freezer (or
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -222,8 +222,7 @@ class Freezer:
                 freezer = me()
                 return freezer.epoch if freezer is not None else None
 
-            assert self.sync is not None
-            self.warmup = WarmupParty(warmup, self.sync.optimizer, now)
+            self.warmup = WarmupParty(warmup, cast(torch.optim.Optimizer, inner), now)
         self._subscriptions = [
             subscribe(self.module, party, weak=True)
             for party in (self.sync, self._guard_party, self.warmup)
@@ -275,10 +274,12 @@ class Freezer:
             ArgumentError: it schedules another optimizer, or the Freezer has none.
         """
         found = unwrap_scheduler(scheduler)
-        check_scheduler(found, self.sync.optimizer if self.sync is not None else None)
-        assert self.sync is not None
-        if found not in self.sync.lr_schedulers:
-            self.sync.lr_schedulers.append(found)
+        sync = self.sync
+        if sync is None:
+            raise ArgumentError("add_lr_scheduler needs the optimizer it schedules: make the Freezer with optimizer=")
+        check_scheduler(found, sync.optimizer)
+        if found not in sync.lr_schedulers:
+            sync.lr_schedulers.append(found)
 
     @property
     def _distributed(self) -> Any:

@@ -92,8 +92,8 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
 
     @property
     def freezer(self) -> Freezer | None:
-        """The Freezer, once the Trainer has built its optimizer."""
-        return self.driver.freezer
+        """The Freezer, once the Trainer has built its optimizer (closed after training)."""
+        return self.driver.freezer or self.driver.last
 
     @property
     def transitions(self) -> list[Any]:
@@ -161,7 +161,7 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
         self.driver.report(metrics)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.driver.close()
+        self.driver.stop()
         self._early = False
 
 
