@@ -225,3 +225,23 @@ def test_every_group_trains_at_its_base_times_the_head_factor(name: str, ask: st
                 assert group["lr"] == pytest.approx(bases.pop() * factor, rel=1e-9)
     assert len({round(f, 12) for f in factors}) > 2  # the scheduler did change the lr
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_group_moved_by_unfreeze_lr_is_moved_again_on_load() -> None:
+    def make() -> tuple[Net, torch.optim.Optimizer, lf.Freezer]:
+        net = Net()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.2)
+        return net, opt, lf.Freezer(net, opt)
+
+    net, opt, fz = make()
+    fz.freeze("backbone")
+    _step(net, opt)
+    fz.unfreeze("backbone", lr=1e-4)
+    _step(net, opt)
+    saved = {"fz": fz.state_dict(), "opt": opt.state_dict()}
+    net2, opt2, fz2 = make()
+    fz2.load_state_dict(saved["fz"])  # before the optimizer, as documented
+    opt2.load_state_dict(saved["opt"])  # the same groups: no "different number of parameter groups"
+    layout = [(len(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in opt2.param_groups] == layout
+    assert _group_of(opt2, net2.backbone[0].weight)["lr"] == 1e-4
