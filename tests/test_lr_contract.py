@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -245,3 +247,49 @@ def test_a_group_moved_by_unfreeze_lr_is_moved_again_on_load() -> None:
     layout = [(len(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
     assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in opt2.param_groups] == layout
     assert _group_of(opt2, net2.backbone[0].weight)["lr"] == 1e-4
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ask=st.floats(1e-6, 1.0),
+    gamma=st.floats(0.5, 1.0),
+    before=st.integers(0, 4),
+    after=st.integers(1, 4),
+    built_from_all=st.booleans(),
+)
+def test_property_the_unfrozen_group_trains_at_its_ask_times_the_factor(
+    ask: float, gamma: float, before: int, after: int, built_from_all: bool
+) -> None:
+    net = Net()
+    lf.freeze(net, "backbone")
+    opt = torch.optim.SGD(net.parameters() if built_from_all else net.head.parameters(), lr=0.1, momentum=0.5)
+    s = sched.LambdaLR(opt, lambda e: gamma**e)
+    fz = lf.Freezer(net, opt, lr_scheduler=s)
+    for _ in range(before):
+        _step(net, opt)
+        s.step()
+    fz.unfreeze("backbone", lr=ask)
+    for _ in range(after):
+        _step(net, opt)
+        s.step()
+        factor = opt.param_groups[0]["lr"] / 0.1
+        assert _group_of(opt, net.backbone[0].weight)["lr"] == pytest.approx(ask * factor, rel=1e-9)
+        assert _group_of(opt, net.head.weight)["lr"] == pytest.approx(0.1 * factor, rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bad=st.one_of(st.floats(max_value=-1e-12), st.just(float("nan")), st.just(float("inf")),
+                     st.just(float("-inf"))))
+def test_property_a_bad_lr_changes_nothing(bad: float) -> None:
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt)
+    fz.freeze("backbone")
+    before = [(len(g["params"]), g["lr"]) for g in opt.param_groups]
+    with pytest.raises(lf.ArgumentError, match="lr must be a finite non-negative number"):
+        fz.unfreeze("backbone", lr=bad)
+    assert [(len(g["params"]), g["lr"]) for g in opt.param_groups] == before
+    assert not any(p.requires_grad for p in net.backbone.parameters())
