@@ -76,8 +76,11 @@ class Freezer:
             change was first seen.
         release_state: drop the optimizer state of frozen parameters (frees
             memory; unfreezing then starts momentum afresh).
-        unfreeze_lr: lr of groups added for unfrozen parameters (default: the
-            lr of group 0).
+        unfreeze_lr: the base lr of unfrozen parameters (default: group 0's):
+            parameters that a param group holds at another lr are moved into
+            a group of their own at this lr (keeping their optimizer state and
+            the other options of their group), those no group holds are
+            added at it. A finite number >= 0.
         on_missing: ``"add"`` (default) or ``"raise"`` when an unfrozen
             parameter belongs to no param group.
         lr_scheduler: a torch LR scheduler of ``optimizer`` made *before*
@@ -373,10 +376,19 @@ class Freezer:
     ) -> list[str]:
         """Unfreeze like :func:`layerfreeze.unfreeze`; a parameter no param group
         holds is added to the optimizer in a new group at ``lr`` (else
-        ``unfreeze_lr``, else group 0's lr).
+        ``unfreeze_lr``, else group 0's lr). With ``lr`` (or ``unfreeze_lr``)
+        a parameter that a group holds at another base lr moves into a group
+        of its own at it, keeping its optimizer state and its group's other
+        options; LR schedulers then scale that base like the original groups.
 
         Returns:
             Canonical names of the selected parameters.
+
+        Raises:
+            ArgumentError: ``lr`` is negative, infinite or NaN, or the change
+                would add a group to an optimizer that an LR scheduler unknown
+                to the Freezer schedules (pass it as ``lr_scheduler=`` or to
+                :meth:`add_lr_scheduler`). Nothing is changed then.
         """
         if lr is not None:
             lr = check_lr("lr", lr)

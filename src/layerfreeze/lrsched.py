@@ -33,7 +33,11 @@ layerfreeze takes two steps, in this order:
 
 Registering alone cannot fix a scheduler that already exists, and repairing
 alone cannot reach a scheduler the Freezer never sees; together they cover
-both orders.
+both orders. A scheduler the Freezer is not given cannot be repaired, but it
+can be seen: every ``LRScheduler`` marks the ``step`` it wraps
+(:func:`scheduled_by_unknown`), and a Freezer or a transition that would add
+a group then raises :class:`~layerfreeze.ArgumentError` naming
+``lr_scheduler=``, before anything changes.
 """
 
 from __future__ import annotations
