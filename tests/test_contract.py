@@ -203,8 +203,13 @@ def test_freezer_keeps_the_optimizer_in_step() -> None:
     fz.unfreeze("fc2.bias")
     assert opt.param_groups[-1]["lr"] == 0.02  # unfreeze_lr
     fz.freeze("fc1")
-    fz.unfreeze("fc1")  # already in a group: nothing added
-    assert len(opt.param_groups) == 3
+    fz.unfreeze("fc1")  # held at 0.1: unfreeze_lr is its base lr now, in a group of its own
+    assert len(opt.param_groups) == 4
+    assert opt.param_groups[-1]["params"] == [net.fc1.weight, net.fc1.bias]
+    assert opt.param_groups[-1]["lr"] == 0.02
+    fz.freeze("fc1")
+    fz.unfreeze("fc1")  # already in a group at that lr: nothing added
+    assert len(opt.param_groups) == 4
 
 
 def test_freezer_falls_back_to_group_zero_lr_and_release_state_drops_state() -> None:

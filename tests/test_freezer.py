@@ -74,7 +74,7 @@ def test_group_zero_lr_is_its_initial_lr_under_a_scheduler(net):
     step(net, opt)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    fz = lf.Freezer(net, opt)
+    fz = lf.Freezer(net, opt, lr_scheduler=sched)
     fz.unfreeze("fc2")
     assert opt.param_groups[1]["initial_lr"] == pytest.approx(0.1)
     # a scheduler resumed on this optimizer needs initial_lr in every group
@@ -127,7 +127,7 @@ def test_bad_arguments(net):
     with pytest.raises(ValueError, match="guard must be True, False or a positive step interval"):
         lf.Freezer(net, opt, guard=-1)
     fz = lf.Freezer(net, opt)
-    with pytest.raises(ValueError, match="lr must be a non-negative number"):
+    with pytest.raises(ValueError, match="lr must be a finite non-negative number"):
         fz.unfreeze("fc2", lr=-1.0)
 
 

@@ -139,3 +139,40 @@ def test_callback_rejects_bad_input() -> None:
     cb = LayerFreeze(lf.Schedule().freeze("backbonee", until_epoch=1))
     with pytest.raises(lf.SelectorError, match="backbonee"):
         _trainer(1, [cb]).fit(Module(), _loader())
+
+
+def _lr_schedule() -> lf.Schedule:
+    return lf.Schedule().gradual_unfreeze("backbone", start_epoch=1, lr_decay=0.5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"unfreeze_lr": 0.01}], ids=["lr_decay", "lr_decay+unfreeze_lr"])
+@pytest.mark.parametrize("trainable_only", [True, False])
+def test_resume_with_lr_decay_keeps_groups_and_lrs(tmp_path: Any, kwargs: dict, trainable_only: bool) -> None:
+    straight = Module(trainable_only)
+    s_trainer = _trainer(4, [LayerFreeze(_lr_schedule(), **kwargs)])
+    s_trainer.fit(straight, _loader())
+
+    first = Module(trainable_only)
+    trainer = _trainer(2, [LayerFreeze(_lr_schedule(), **kwargs)])
+    trainer.fit(first, _loader())
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    resumed = Module(trainable_only)
+    r_trainer = _trainer(4, [LayerFreeze(_lr_schedule(), **kwargs)])
+    r_trainer.fit(resumed, _loader(), ckpt_path=tmp_path / "mid.ckpt")  # no ValueError on param groups
+    assert resumed.backbone_trains == {e: straight.backbone_trains[e] for e in (2, 3)}
+    layout = [(len(g["params"]), g["lr"]) for g in s_trainer.optimizers[0].param_groups]
+    assert [(len(g["params"]), g["lr"]) for g in r_trainer.optimizers[0].param_groups] == layout
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, dict(straight.named_parameters())[name]), name  # bitwise
+
+
+def test_unfreeze_lr_is_the_backbone_base_lr() -> None:
+    module = Module(trainable_only=False)
+    trainer = _trainer(3, [LayerFreeze(lf.Schedule().freeze("backbone", until_epoch=1), unfreeze_lr=0.005)])
+    trainer.fit(module, _loader())
+    opt = trainer.optimizers[0]
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    # StepLR(step_size=2, gamma=0.5) stepped after each of 3 epochs: both at their base times 0.5
+    assert lrs[id(module.backbone[0].weight)] == pytest.approx(0.005 * 0.5)
+    assert lrs[id(module.head.weight)] == pytest.approx(0.05 * 0.5)

@@ -132,3 +132,61 @@ def test_callback_rejects_a_selector_the_model_lacks(tmp_path: Any) -> None:
     cb = LayerFreezeCallback(lf.Schedule().freeze("bertt", until_epoch=1))
     with pytest.raises(lf.SelectorError, match="bertt"):
         transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=_data(), callbacks=[cb])
+
+
+def _decay_schedule() -> lf.Schedule:
+    return lf.Schedule().freeze("bert.embeddings", until_epoch=1).gradual_unfreeze(
+        "bert.encoder.layer", start_epoch=1, lr_decay=0.5
+    )
+
+
+def _layout(opt: Any) -> list[tuple[int, float, float]]:
+    return [(len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"unfreeze_lr": 5e-3}], ids=["lr_decay", "lr_decay+unfreeze_lr"])
+def test_resume_from_checkpoint_with_lr_decay(tmp_path: Any, kwargs: dict) -> None:
+    args = _args(tmp_path / "run", epochs=3)
+    args.save_strategy = "epoch"
+    args.weight_decay = 0.1
+    model = _model()
+    straight = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                    callbacks=[LayerFreezeCallback(_decay_schedule(), **kwargs)])
+    straight.train()
+
+    again = _model()
+    resumed = transformers.Trainer(model=again, args=_args(tmp_path / "again", epochs=3), train_dataset=_data(),
+                                   callbacks=[LayerFreezeCallback(_decay_schedule(), **kwargs)])
+    resumed.args.weight_decay = 0.1
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))  # no ValueError
+    assert _layout(resumed.optimizer) == _layout(straight.optimizer)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(
+        [g["lr"] for g in straight.optimizer.param_groups], rel=1e-12
+    )
+    for (name, p), q in zip(again.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_unfreeze_lr_moves_the_trainer_groups(tmp_path: Any) -> None:
+    model = _model()
+    probe = Probe()
+    cb = LayerFreezeCallback(lf.Schedule().freeze("bert", until_epoch=1), unfreeze_lr=1e-3)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), callbacks=[cb, probe])
+    trainer.train()
+    opt = trainer.optimizer
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.bert.encoder.layer[0].attention.self.query.weight)] == 1e-3
+    assert lr_of[id(model.classifier.weight)] == 1e-2
+    # the linear schedule scales both by the same factor at every step
+    bases = [g["initial_lr"] for g in opt.param_groups]
+    for lrs in probe.lrs:
+        factors = {round(lr / base, 9) for lr, base in zip(lrs, bases, strict=True)}
+        assert len(factors) == 1
+
+
+def test_epoch_transitions_carry_the_step_they_happen_at(tmp_path: Any) -> None:
+    # the step first, then the epoch, as in Lightning: the unfreeze at epoch 1
+    # happens before optimizer step 2 (2 steps an epoch)
+    cb = LayerFreezeCallback(lf.Schedule().freeze("bert", until_epoch=1))
+    transformers.Trainer(model=_model(), args=_args(tmp_path, epochs=2), train_dataset=_data(), callbacks=[cb]).train()
+    assert [(t.action, t.epoch, t.step) for t in cb.transitions] == [("freeze", 0, 0), ("unfreeze", 1, 2)]

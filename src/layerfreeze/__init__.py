@@ -24,12 +24,22 @@ from .errors import (
 )
 from .feature_cache import CacheStats, cache, precompute
 from .freezer import Freezer
+from .frozenbn import FrozenBatchNorm, freeze_batchnorm, unfreeze_batchnorm
+from .layerdecay import layer_decay_groups
 from .memory import MemoryReport, memory_report
 from .report import ParamCount, count_parameters, summary
-from .rules import AdaptiveFreezeRule, FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, Rule
+from .rules import (
+    AdaptiveFreezeRule,
+    FreezeRule,
+    GradualUnfreezeRule,
+    PlateauUnfreezeRule,
+    ProgressiveFreezeRule,
+    Rule,
+)
 from .schedule import Schedule
 from .selectors import select
 from .timeline import TimelineRow, plot_timeline
+from .warmup import Warmup
 
 __version__ = "0.1.0"
 
@@ -44,6 +54,7 @@ __all__ = [
     "AdaptiveFreezeRule",
     "FreezeRule",
     "GradualUnfreezeRule",
+    "PlateauUnfreezeRule",
     "ProgressiveFreezeRule",
     "Rule",
     "TimelineRow",
@@ -63,10 +74,15 @@ __all__ = [
     "SelectorTypeError",
     "StateDictError",
     "Transition",
+    "Warmup",
     "apply_change",
     "count_parameters",
     "freeze",
     "frozen",
+    "FrozenBatchNorm",
+    "freeze_batchnorm",
+    "unfreeze_batchnorm",
+    "layer_decay_groups",
     "select",
     "subscribe",
     "summary",

@@ -21,7 +21,7 @@ assembles :meth:`Freezer.state_dict` from the parts. Dropping the Freezer (or
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,11 +30,12 @@ from .core import Change, Mode, Transition, apply_change, subscribe
 from .errors import ArgumentError, ArgumentTypeError, StateDictError
 from .guard import Guard, GuardListener
 from .holds import check_mode, holds_for, kept_in_eval, releases_for
-from .lrsched import check_scheduler, unwrap_optimizer, unwrap_scheduler
+from .lrsched import check_lr, check_scheduler, scheduled_by_unknown, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
-from .rules import AdaptiveFreezeRule, AdaptiveStats, as_int, as_number
+from .rules import AdaptiveFreezeRule, AdaptiveStats, PlateauUnfreezeRule, as_int, as_number
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
+from .warmup import Warmup, WarmupParty
 
 __all__ = ["Freezer"]
 
@@ -75,8 +76,11 @@ class Freezer:
             change was first seen.
         release_state: drop the optimizer state of frozen parameters (frees
             memory; unfreezing then starts momentum afresh).
-        unfreeze_lr: lr of groups added for unfrozen parameters (default: the
-            lr of group 0).
+        unfreeze_lr: the base lr of unfrozen parameters (default: group 0's):
+            parameters that a param group holds at another lr are moved into
+            a group of their own at this lr (keeping their optimizer state and
+            the other options of their group), those no group holds are
+            added at it. A finite number >= 0.
         on_missing: ``"add"`` (default) or ``"raise"`` when an unfrozen
             parameter belongs to no param group.
         lr_scheduler: a torch LR scheduler of ``optimizer`` made *before*
@@ -123,6 +127,7 @@ class Freezer:
         unfreeze_lr: float | None = None,
         on_missing: str = "add",
         lr_scheduler: Any = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self._wrapper = model
         self.module = unwrap(model)
@@ -138,10 +143,7 @@ class Freezer:
                 "guard=N checks after every N-th optimizer step"
             )
         if unfreeze_lr is not None:
-            lr = as_number(unfreeze_lr)
-            if lr is None or lr < 0:
-                raise ArgumentError(f"unfreeze_lr must be a non-negative number or None, got {unfreeze_lr!r}")
-            unfreeze_lr = lr
+            unfreeze_lr = check_lr("unfreeze_lr", unfreeze_lr)
         self._guard_every = every
         self.schedule = schedule
         index = ModelIndex(self.module)
@@ -160,6 +162,10 @@ class Freezer:
                 "an adaptive_freeze rule needs the optimizer: its gradient norms are read at each step; "
                 "pass optimizer= to the Freezer"
             )
+        if warmup is not None and not isinstance(warmup, Warmup):
+            raise ArgumentTypeError(f"warmup must be a layerfreeze Warmup, got {type(warmup).__name__}")
+        if warmup is not None and inner is None:
+            raise ArgumentError("warmup= ramps an optimizer's lr: pass optimizer= too")
         self._clock = _Clock()
         self.sync = (
             OptimizerSync(
@@ -169,11 +175,23 @@ class Freezer:
             if inner is not None
             else None
         )
+        if self.sync is not None:
+            self.sync.own_groups = warmup is not None
         if self.sync is not None and schedule is not None:
+            if scheduled_by_unknown(self.sync.optimizer, found) and self.sync.would_regroup(
+                index, schedule.trainable_scales(index), add_missing=on_missing == "add"
+            ):
+                raise ArgumentError(
+                    "the optimizer is scheduled by an LR scheduler made before the Freezer and not "
+                    "passed to it; the param groups this schedule needs would break that scheduler. "
+                    "Pass it as Freezer(..., lr_scheduler=scheduler), or build the scheduler after the Freezer"
+                )
             self.sync.register(index, schedule.trainable_scales(index), add_missing=on_missing == "add")
         #: transitions made outside set_epoch/set_step (adaptive freezes after
         #: an optimizer step); the next set_epoch/set_step returns them too
         self._pending: list[Transition] = []
+        #: the best weights of each ``restore_best`` metric rule, by rule id
+        self._best: dict[int, dict[str, torch.Tensor]] = {}
         self.epoch: int | None = None
         self.step: int | None = None
         if inner is not None:
@@ -195,11 +213,35 @@ class Freezer:
         self.adaptive = adaptive if adaptive else None
         #: the DDP / FSDP2 party, when the model is distributed
         self.distributed: Any = None
+        #: the lr warm-up party (None without ``warmup=``)
+        self.warmup: WarmupParty | None = None
+        if warmup is not None:
+            me = weakref.ref(self)
+            clock = self._clock
+
+            def now() -> int | None:
+                if warmup.steps is not None:
+                    return clock.count
+                freezer = me()
+                return freezer.epoch if freezer is not None else None
+
+            self.warmup = WarmupParty(warmup, cast(torch.optim.Optimizer, inner), now)
         self._subscriptions = [
             subscribe(self.module, party, weak=True)
-            for party in (self.sync, self._guard_party)
+            for party in (self.sync, self._guard_party, self.warmup)
             if party is not None
         ]
+        # a model.load_state_dict() is a deliberate change: its values become
+        # the frozen reference
+        guard_ref = weakref.ref(self.guard)
+
+        def loaded(module: nn.Module, incompatible: Any) -> None:
+            guard = guard_ref()
+            if guard is not None:
+                guard.refresh()
+
+        self._load_hook = self.module.register_load_state_dict_post_hook(loaded)
+        weakref.finalize(self, self._load_hook.remove)
         # DDP must learn each new trainable set and ranks must agree on it;
         # nothing is attached for a model that is not distributed.
         self.attach_distributed(model)
@@ -224,6 +266,23 @@ class Freezer:
     def lr_schedulers(self) -> list[Any]:
         """LR schedulers made before the Freezer, repaired when groups are added."""
         return self.sync.lr_schedulers if self.sync is not None else []
+
+    def add_lr_scheduler(self, scheduler: Any) -> None:
+        """Repair ``scheduler`` too whenever a param group is added, like one
+        passed as ``lr_scheduler=`` (for a scheduler made after the Freezer,
+        before a transition that adds a group no rule foresaw).
+
+        Raises:
+            ArgumentTypeError: not a torch LR scheduler.
+            ArgumentError: it schedules another optimizer, or the Freezer has none.
+        """
+        found = unwrap_scheduler(scheduler)
+        sync = self.sync
+        if sync is None:
+            raise ArgumentError("add_lr_scheduler needs the optimizer it schedules: make the Freezer with optimizer=")
+        check_scheduler(found, sync.optimizer)
+        if found not in sync.lr_schedulers:
+            sync.lr_schedulers.append(found)
 
     @property
     def _distributed(self) -> Any:
@@ -268,13 +327,13 @@ class Freezer:
 
     def validate(self, change: Change) -> None:
         """Run every party's validation of ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
             if party is not None:
                 party.validate(change)
 
     def apply(self, change: Change) -> None:
         """Have every party follow ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
             if party is not None:
                 party.apply(change)
 
@@ -290,12 +349,13 @@ class Freezer:
             for sub in self._subscriptions:
                 sub.remove()
             self._subscriptions.clear()
-            for party in (self.sync, self._guard_party, self.adaptive):
+            for party in (self.sync, self._guard_party, self.adaptive, self.warmup):
                 if party is not None:
                     party.close()
-            tick = getattr(self, "_tick", None)
-            if tick is not None:
-                tick.remove()
+            for name in ("_tick", "_load_hook"):
+                handle = getattr(self, name, None)
+                if handle is not None:
+                    handle.remove()
 
     # ------------------------------------------------------------------ direct calls
 
@@ -316,16 +376,22 @@ class Freezer:
     ) -> list[str]:
         """Unfreeze like :func:`layerfreeze.unfreeze`; a parameter no param group
         holds is added to the optimizer in a new group at ``lr`` (else
-        ``unfreeze_lr``, else group 0's lr).
+        ``unfreeze_lr``, else group 0's lr). With ``lr`` (or ``unfreeze_lr``)
+        a parameter that a group holds at another base lr moves into a group
+        of its own at it, keeping its optimizer state and its group's other
+        options; LR schedulers then scale that base like the original groups.
 
         Returns:
             Canonical names of the selected parameters.
+
+        Raises:
+            ArgumentError: ``lr`` is negative, infinite or NaN, or the change
+                would add a group to an optimizer that an LR scheduler unknown
+                to the Freezer schedules (pass it as ``lr_scheduler=`` or to
+                :meth:`add_lr_scheduler`). Nothing is changed then.
         """
         if lr is not None:
-            value = as_number(lr)
-            if value is None or value < 0:
-                raise ArgumentError(f"lr must be a non-negative number, got {lr!r}")
-            lr = value
+            lr = check_lr("lr", lr)
         index = ModelIndex(self.module)
         res = resolve(index, selectors, exclude)
         apply_change(
@@ -381,6 +447,45 @@ class Freezer:
             options={"epoch": self.epoch, "step": self.step, "lr": lrs},
         )
 
+    # ------------------------------------------------------------------ metrics
+
+    def report(self, **metrics: Any) -> list[Transition]:
+        """Hand evaluation metrics to the schedule's metric-driven rules
+        (:class:`~layerfreeze.rules.PlateauUnfreezeRule`); a rule whose
+        ``monitor`` is among them counts one evaluation, and the transitions
+        it triggers are made now (after loading the best weights, with
+        ``restore_best``).
+
+        Args:
+            **metrics: name -> value (a number or a one-element tensor).
+
+        Returns:
+            The transitions made.
+
+        Raises:
+            ArgumentError: a monitored value is not a number.
+        """
+        rules = [r for r in (self.schedule.rules if self.schedule is not None else [])
+                 if isinstance(r, PlateauUnfreezeRule) and r.monitor in metrics]
+        values = {}
+        for rule in rules:
+            raw = metrics[rule.monitor]
+            value = as_number(raw.item() if isinstance(raw, torch.Tensor) and raw.numel() == 1 else raw)
+            if value is None:
+                raise ArgumentError(f"report({rule.monitor}=...) must be a number, got {raw!r}")
+            values[id(rule)] = value
+        grew = False
+        for rule in rules:
+            if rule.update(values[id(rule)]):
+                grew = True
+                best = self._best.get(id(rule)) if rule.restore_best else None
+                if best is not None:
+                    self.module.load_state_dict(best)
+            elif rule.improved and rule.restore_best:
+                self._best[id(rule)] = {k: v.detach().to("cpu", copy=True)
+                                        for k, v in self.module.state_dict().items()}
+        return self._take_pending() + (self._apply_schedule() if grew else [])
+
     # ------------------------------------------------------------------ guard
 
     def check(self) -> None:
@@ -415,6 +520,7 @@ class Freezer:
             "added_groups": self.sync.state_dict()["added_groups"] if self.sync is not None else [],
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "grad_norms": self.adaptive.state_dict() if self.adaptive is not None else {},
+            "warmup": self.warmup.state_dict() if self.warmup is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,6 +582,8 @@ class Freezer:
             self.schedule.load_state_dict(state["schedule"])
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state.get("grad_norms") or {})
+        if self.warmup is not None:
+            self.warmup.load_state_dict(state.get("warmup") or {})
         self.guard.refresh()
 
 

@@ -33,11 +33,17 @@ layerfreeze takes two steps, in this order:
 
 Registering alone cannot fix a scheduler that already exists, and repairing
 alone cannot reach a scheduler the Freezer never sees; together they cover
-both orders.
+both orders. A scheduler the Freezer is not given cannot be repaired, but it
+can be seen: every ``LRScheduler`` marks the ``step`` it wraps
+(:func:`scheduled_by_unknown`), and a Freezer or a transition that would add
+a group then raises :class:`~layerfreeze.ArgumentError` naming
+``lr_scheduler=``, before anything changes.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -46,7 +52,9 @@ from torch.optim import lr_scheduler as sched
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
+    "check_lr",
     "check_scheduler",
+    "scheduled_by_unknown",
     "extend_scheduler",
     "extend_schedulers",
     "same_optimizer",
@@ -64,8 +72,11 @@ def _children(scheduler: Any) -> list[Any]:
 
 def _reference_base(scheduler: Any, optimizer: torch.optim.Optimizer) -> float:
     group0 = optimizer.param_groups[0]
+    if isinstance(scheduler, sched.OneCycleLR):
+        # a group's base lr is its peak: OneCycleLR's max_lr
+        return float(group0["max_lr"])
     bases = getattr(scheduler, "base_lrs", None)
-    if isinstance(scheduler, sched.OneCycleLR) or not bases:
+    if not bases:
         return float(group0.get("initial_lr", group0["lr"]))
     return float(bases[0])
 
@@ -75,12 +86,14 @@ def _extend(values: list[Any], n: int, make: Any) -> None:
         values.append(make())
 
 
-def extend_scheduler(scheduler: Any, first_new: int) -> None:
+def extend_scheduler(scheduler: Any, first_new: int, reference: float | None = None) -> None:
     """Give the param groups from index ``first_new`` on their entries in
     ``scheduler``'s bookkeeping, and their lr.
 
     A new group's base lr is its ``initial_lr`` (set by the Freezer when it
-    added the group); its scale ``s`` is that base over group 0's base. Lists
+    added the group); its scale ``s`` is that base over group 0's base. For
+    ``OneCycleLR`` the base is the peak: group 0's ``max_lr``, and the new
+    group's ``max_lr`` is its base. Lists
     sized per group get group 0's entry times ``s`` (lr lambdas: group 0's
     lambda); the group's lr becomes ``s`` times group 0's current lr.
     Schedulers that hold others (SequentialLR, ChainedScheduler) are repaired
@@ -91,6 +104,8 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         scheduler: a torch LR scheduler (any ``LRScheduler`` or
             ``ReduceLROnPlateau``).
         first_new: index of the first param group the scheduler does not know.
+        reference: group 0's base lr, for a scheduler that does not record it
+            (``ReduceLROnPlateau``); default: group 0's ``initial_lr``, else its lr.
 
     Example:
         >>> import torch
@@ -109,13 +124,16 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         return
     group0 = groups[0]
     base0 = _reference_base(scheduler, optimizer)
+    if reference is not None and isinstance(scheduler, sched.ReduceLROnPlateau):
+        base0 = reference
     for g in range(first_new, n):
         new = groups[g]
         base = float(new.get("initial_lr", new["lr"]))
         s = base / base0 if base0 else 1.0
         if isinstance(scheduler, sched.OneCycleLR):
-            for key in ("initial_lr", "max_lr", "min_lr"):
+            for key in ("initial_lr", "min_lr"):
                 new[key] = group0[key] * s
+            new["max_lr"] = base
         elif isinstance(scheduler, sched.CyclicLR):
             new.setdefault("initial_lr", base)
         if isinstance(scheduler, (sched.OneCycleLR, sched.CyclicLR)):
@@ -124,7 +142,7 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
                     new[key] = group0[key]
         new["lr"] = group0["lr"] * s
     for child in _children(scheduler):
-        extend_scheduler(child, first_new)
+        extend_scheduler(child, first_new, reference)
 
     scales = [float(groups[g].get("initial_lr", groups[g]["lr"])) / base0 if base0 else 1.0 for g in range(n)]
     bases = getattr(scheduler, "base_lrs", None)
@@ -156,10 +174,10 @@ def extend_scheduler(scheduler: Any, first_new: int) -> None:
         scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def extend_schedulers(schedulers: list[Any], first_new: int) -> None:
+def extend_schedulers(schedulers: list[Any], first_new: int, reference: float | None = None) -> None:
     """:func:`extend_scheduler` for each scheduler in turn."""
     for scheduler in schedulers:
-        extend_scheduler(scheduler, first_new)
+        extend_scheduler(scheduler, first_new, reference)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -207,6 +225,57 @@ def unwrap_scheduler(scheduler: Any) -> Any:
         seen.add(id(found))
         found = getattr(found, "scheduler", None)
     return found if isinstance(found, _SCHEDULERS) else scheduler
+
+
+def check_lr(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite, non-negative real number.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+
+    Returns:
+        The lr as a float.
+
+    Raises:
+        ArgumentError: a negative, infinite or NaN number, a bool or anything
+            that is not a real number.
+
+    Example:
+        >>> check_lr("lr", 1e-3)
+        0.001
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentError(f"{name} must be a finite non-negative number, got {value!r}")
+    lr = float(value)
+    if not math.isfinite(lr) or lr < 0:
+        raise ArgumentError(
+            f"{name} must be a finite non-negative number, got {value!r}; a learning rate is a real "
+            "number >= 0 (e.g. 1e-4). Nothing was changed"
+        )
+    return lr
+
+
+def scheduled_by_unknown(optimizer: torch.optim.Optimizer, known: list[Any]) -> bool:
+    """Whether a torch LR scheduler not in ``known`` schedules ``optimizer``.
+
+    Every ``LRScheduler`` wraps its optimizer's ``step`` once, marking the
+    wrapper with ``_wrapped_by_lr_sched``, and stamps ``initial_lr`` on each
+    group; ``ReduceLROnPlateau`` does neither and cannot be seen. With no
+    known scheduler, the mark alone says one exists.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> scheduled_by_unknown(opt, [])
+        False
+        >>> s = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        >>> scheduled_by_unknown(opt, []), scheduled_by_unknown(opt, [s])
+        (True, False)
+    """
+    if not hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return False
+    return not any(isinstance(s, sched.LRScheduler) and not isinstance(s, sched.ReduceLROnPlateau) for s in known)
 
 
 def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer | None) -> None:

@@ -10,7 +10,6 @@ the freeze road and handles all three.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from .core import Change
 from .errors import ArgumentError, ArgumentTypeError, OptimizerSyncError, StateDictError
-from .lrsched import extend_schedulers
+from .lrsched import check_lr, extend_schedulers, scheduled_by_unknown
 from .selectors import ModelIndex
 
 __all__ = ["OptimizerSync", "optimizer_param_ids"]
@@ -28,6 +27,11 @@ __all__ = ["OptimizerSync", "optimizer_param_ids"]
 
 def optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def group_base(group: dict[str, Any]) -> float:
+    """A param group's base lr: OneCycleLR's peak, else ``initial_lr``, else ``lr``."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
 
 
 class OptimizerSync:
@@ -63,14 +67,17 @@ class OptimizerSync:
             )
         if on_missing not in ("add", "raise"):
             raise ArgumentError(f"on_missing={on_missing!r} must be 'add' or 'raise'")
-        if unfreeze_lr is not None and (isinstance(unfreeze_lr, bool) or not isinstance(unfreeze_lr, numbers.Real)
-                                        or unfreeze_lr < 0):
-            raise ArgumentError(f"unfreeze_lr must be a non-negative number or None, got {unfreeze_lr!r}")
+        if unfreeze_lr is not None:
+            unfreeze_lr = check_lr("unfreeze_lr", unfreeze_lr)
         self.optimizer = optimizer
         self.release_state = release_state
         self.unfreeze_lr = unfreeze_lr
         self.on_missing = on_missing
         self.lr_schedulers: list[Any] = list(lr_schedulers)
+        #: give parameters a schedule unfreezes groups without other
+        #: parameters (an lr warm-up ramps whole groups)
+        self.own_groups = False
+        self._lrs0 = [float(g["lr"]) for g in optimizer.param_groups]
         #: groups this object added: (canonical names, lr) in order, for checkpoints
         self.added: list[tuple[list[str], float]] = []
         self._pre_hook = optimizer.register_step_pre_hook(self._drop_stale_grads)
@@ -97,8 +104,16 @@ class OptimizerSync:
             return float(lr)
         if self.unfreeze_lr is not None:
             return float(self.unfreeze_lr)
-        group0 = self.optimizer.param_groups[0]
-        return float(group0.get("initial_lr", group0["lr"]))
+        return self.group_base(0)
+
+    def group_base(self, i: int) -> float:
+        """Param group ``i``'s base lr (see :func:`group_base`); a group with
+        no ``initial_lr`` (ReduceLROnPlateau, no scheduler) has the lr it had
+        when this party was made as its base."""
+        group = self.optimizer.param_groups[i]
+        if "max_lr" in group or "initial_lr" in group or i >= len(self._lrs0):
+            return group_base(group)
+        return self._lrs0[i]
 
     def missing(self, names: Sequence[str], params: Sequence[nn.Parameter]) -> list[str]:
         held = optimizer_param_ids(self.optimizer)
@@ -115,15 +130,47 @@ class OptimizerSync:
                     "Freezer with on_missing='add' to add them as a new group"
                 )
         lr = change.options.get("lr")
-        if lr is not None and not isinstance(lr, dict) and (
-            isinstance(lr, bool) or not isinstance(lr, numbers.Real) or lr < 0
-        ):
-            raise ArgumentError(f"lr must be a non-negative number, got {lr!r}")
+        if lr is not None and not isinstance(lr, dict):
+            check_lr("lr", lr)
+        elif isinstance(lr, dict):
+            for name, value in lr.items():
+                check_lr(f"lr[{name!r}]", value)
+        if (self.missing(change.unfreeze, change.params(change.unfreeze)) or self._moves(change)) and \
+                scheduled_by_unknown(self.optimizer, self.lr_schedulers):
+            raise ArgumentError(
+                "this change adds a param group to an optimizer that an LR scheduler unknown to the "
+                "Freezer schedules; the scheduler would break (or ignore the group). Pass it as "
+                "Freezer(..., lr_scheduler=scheduler) or to freezer.add_lr_scheduler(scheduler)"
+            )
+
+    def _asked_lr(self, change: Change, name: str) -> float | None:
+        lr = change.options.get("lr")
+        if isinstance(lr, dict):
+            lr = lr.get(name)
+        if lr is None:
+            lr = self.unfreeze_lr
+        return None if lr is None else float(lr)
+
+    def _moves(self, change: Change) -> dict[tuple[int, float], list[str]]:
+        """Unfrozen parameters a group holds at another lr than the one asked for."""
+        groups = self.optimizer.param_groups
+        where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        moves: dict[tuple[int, float], list[str]] = {}
+        for name in change.unfreeze:
+            lr = self._asked_lr(change, name)
+            source = where.get(id(change.index.by_canonical[name]))
+            if lr is None or source is None or math.isclose(self.group_base(source), lr, rel_tol=1e-12):
+                continue
+            moves.setdefault((source, lr), []).append(name)
+        return moves
 
     def apply(self, change: Change) -> None:
         if self.release_state:
             for p in change.params(change.freeze):
                 self.optimizer.state.pop(p, None)
+        # an lr asked for is the group's base lr, also for parameters a group holds
+        for (source, lr), names in self._moves(change).items():
+            self.move_to_group(names, change.params(names), source, lr)
         absent = self.missing(change.unfreeze, change.params(change.unfreeze))
         if absent:
             self.add_groups(change, absent)
@@ -149,13 +196,15 @@ class OptimizerSync:
         groups = self.optimizer.param_groups
         moving = {id(p) for p in params}
         src = groups[source]
-        src["params"] = [p for p in src["params"] if id(p) not in moving]
+        for g in groups:
+            if any(id(p) in moving for p in g["params"]):
+                g["params"] = [p for p in g["params"] if id(p) not in moving]
         group: dict[str, Any] = {k: v for k, v in src.items() if k not in ("params", "lr", "initial_lr")}
         group.update(params=list(params), lr=lr, initial_lr=lr)
         before = len(groups)
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
-        extend_schedulers(self.lr_schedulers, before)
+        extend_schedulers(self.lr_schedulers, before, self.group_base(0))
 
     def add_group(self, names: list[str], params: list[nn.Parameter], lr: float) -> None:
         # LR schedulers read initial_lr when they are built (or resumed) on an
@@ -164,7 +213,7 @@ class OptimizerSync:
         group: dict[str, Any] = {"params": params, "lr": lr, "initial_lr": lr}
         self.optimizer.add_param_group(group)
         self.added.append((list(names), lr))
-        extend_schedulers(self.lr_schedulers, before)
+        extend_schedulers(self.lr_schedulers, before, self.group_base(0))
 
     # ------------------------------------------------------------------ the schedule's groups
 
@@ -187,6 +236,12 @@ class OptimizerSync:
         for lr, group in by_lr.items():
             self.add_group(group, [index.by_canonical[n] for n in group], lr)
 
+    def would_regroup(self, index: ModelIndex, scales: dict[str, float | None], *, add_missing: bool) -> bool:
+        """Whether :meth:`register` would add or move a param group."""
+        if add_missing and self.missing(list(scales), [index.by_canonical[n] for n in scales]):
+            return True
+        return bool(self._scaled_moves(index, scales, self.base_lr()))
+
     def _regroup_scaled(self, index: ModelIndex, scales: dict[str, float | None], base: float) -> None:
         """Give parameters that a rule trains at a scaled lr (``lr_decay``) and
         that the optimizer already holds at another lr a group of their own.
@@ -196,20 +251,27 @@ class OptimizerSync:
         A parameter whose group already has the lr it needs stays, so making
         a second Freezer on the same optimizer moves nothing.
         """
+        for (source, lr), names in self._scaled_moves(index, scales, base).items():
+            self.move_to_group(names, [index.by_canonical[n] for n in names], source, lr)
+
+    def _scaled_moves(
+        self, index: ModelIndex, scales: dict[str, float | None], base: float
+    ) -> dict[tuple[int, float], list[str]]:
         groups = self.optimizer.param_groups
         where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        scheduled = {id(index.by_canonical[n]) for n in scales}
         moves: dict[tuple[int, float], list[str]] = {}
         for name, scale in scales.items():
             source = where.get(id(index.by_canonical[name]))
-            if scale is None or source is None:
+            if source is None or (scale is None and self.unfreeze_lr is None and not self.own_groups):
                 continue
-            lr = base * scale
-            group = groups[source]
-            if math.isclose(float(group.get("initial_lr", group["lr"])), lr, rel_tol=1e-12, abs_tol=0.0):
+            mixed = self.own_groups and any(id(q) not in scheduled for q in groups[source]["params"])
+            lr = self.group_base(source) if scale is None and self.unfreeze_lr is None else \
+                base * (1.0 if scale is None else scale)
+            if math.isclose(self.group_base(source), lr, rel_tol=1e-12, abs_tol=0.0) and not mixed:
                 continue
             moves.setdefault((source, lr), []).append(name)
-        for (source, lr), names in moves.items():
-            self.move_to_group(names, [index.by_canonical[n] for n in names], source, lr)
+        return moves
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -231,8 +293,16 @@ class OptimizerSync:
 
     def load_state_dict(self, state: dict[str, Any], index: ModelIndex) -> None:
         """Re-add the groups a checkpoint's optimizer had (before ``optimizer.load_state_dict``)."""
-        held = optimizer_param_ids(self.optimizer)
         for g in state.get("added_groups", []):
             params = [index.by_canonical[n] for n in g["params"]]
-            if not any(id(p) in held for p in params):
+            groups = self.optimizer.param_groups
+            where = {id(p): i for i, grp in enumerate(groups) for p in grp["params"]}
+            sources = {where[id(p)] for p in params if id(p) in where}
+            if not sources:
                 self.add_group(list(g["params"]), params, float(g["lr"]))
+                continue
+            source = min(sources)
+            same = {id(p) for p in groups[source]["params"]} == {id(p) for p in params}
+            if len(sources) == 1 and same and math.isclose(self.group_base(source), float(g["lr"]), rel_tol=1e-12):
+                continue  # the group exists already (made up front)
+            self.move_to_group(list(g["params"]), params, source, float(g["lr"]))

@@ -40,6 +40,7 @@ __all__ = [
     "FreezeRule",
     "GradualUnfreezeRule",
     "Param",
+    "PlateauUnfreezeRule",
     "ProgressiveFreezeRule",
     "RULES",
     "Rule",
@@ -74,6 +75,8 @@ _DESCRIBE = {
     "number": "a number",
     "mode": "'norm', 'eval' or 'keep'",
     "selector": "a selector (a string, or a list of strings)",
+    "bool": "true or false",
+    "name": "a non-empty string",
 }
 
 
@@ -117,6 +120,10 @@ class Param:
             return as_number(value) is not None
         if self.kind == "mode":
             return value in ("norm", "eval", "keep")
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "name":
+            return isinstance(value, str) and bool(value.strip())
         return _selector_ok(value)
 
     def check(self, value: object) -> Any:
@@ -138,6 +145,8 @@ class Param:
             return out
         if self.kind == "mode":
             return _check_mode(value)
+        if self.kind in ("bool", "name") and not self.accepts(value):
+            raise ScheduleTypeError(f"{self.name} must be {self.describe()}, got {value!r}")
         return value
 
     def is_default(self, value: object) -> bool:
@@ -702,9 +711,120 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+class PlateauUnfreezeRule(_GroupedRule):
+    """Metric-driven gradual unfreezing: the next group (from the top) unfreezes
+    when a reported metric has not improved for ``patience`` reports.
+
+    Every group is frozen at first. Each :meth:`layerfreeze.Freezer.report`
+    that carries ``monitor`` is one evaluation: a value better than the best
+    so far by more than ``min_delta`` resets the count, any other adds one,
+    and at ``patience`` the next group below the trainable ones unfreezes and
+    the count starts again. With ``restore_best`` the Freezer first loads
+    the weights of the best report so far (kept in host memory; after a
+    resume, the best since the resume). Decides from the reports, whatever
+    the epoch or step; its state (groups unfrozen, best, count) resumes.
+
+    Args:
+        groups: a container selector or a list of selectors, bottom first.
+        monitor: the metric's name in the reports (``"val_loss"``, ``"eval_loss"``).
+        patience: reports without improvement before the next group unfreezes.
+        min_delta: the least change that counts as an improvement.
+        maximize: higher is better (an accuracy) instead of lower (a loss).
+        restore_best: load the best weights before each unfreeze.
+        lr_decay: the per-group lr factor going down, as in ``gradual_unfreeze``.
+        mode: how frozen groups hold their modes.
+
+    Example:
+        >>> rule = PlateauUnfreezeRule(["a", "b"], monitor="loss", patience=2)
+        >>> [rule.update(v) for v in (1.0, 0.9, 0.95, 0.91)], rule.unfrozen
+        ([False, False, False, True], 1)
+    """
+
+    kind = "unfreeze_on_plateau"
+    params = (
+        Param("monitor", "name"),
+        Param("patience", "int", 1, low=1),
+        Param("min_delta", "number", 0.0, low=0.0),
+        Param("maximize", "bool", False),
+        Param("restore_best", "bool", False),
+        Param("lr_decay", "number", None, low=0.0, high=1.0, low_open=True),
+        _MODE_PARAM,
+    )
+    monitor: str
+    patience: int
+    min_delta: float
+    maximize: bool
+    restore_best: bool
+    lr_decay: float | None
+
+    def __init__(self, groups: object, /, **kwargs: Any) -> None:
+        super().__init__(groups, **kwargs)
+        #: groups trainable, counted from the top
+        self.unfrozen = 0
+        #: the best value reported, and reports since it without improvement
+        self.best: float | None = None
+        self.bad = 0
+        #: whether the last :meth:`update` was a new best
+        self.improved = False
+
+    def update(self, value: float) -> bool:
+        """Record one evaluation; returns whether one more group unfreezes."""
+        value = float(value)
+        better = self.best is None or (
+            value > self.best + self.min_delta if self.maximize else value < self.best - self.min_delta
+        )
+        self.improved = better and not math.isnan(value)
+        if self.improved:
+            self.best, self.bad = value, 0
+            return False
+        self.bad += 1
+        if self.bad < self.patience:
+            return False
+        self.bad = 0
+        self.unfrozen += 1
+        return True
+
+    def _scale(self, i: int, n: int) -> float | None:
+        return None if self.lr_decay is None else self.lr_decay ** (n - 1 - i)
+
+    def decide(
+        self, index: ModelIndex, epoch: int | None, step: int | None, *, origin: str
+    ) -> list[Decision]:
+        groups = self.groups(index, origin=origin)
+        n = len(groups)
+        first = n - min(self.unfrozen, n)
+        return [
+            Decision(res, i < first, self.mode, None if i < first else self._scale(i, n))
+            for i, (_, res) in enumerate(groups)
+        ]
+
+    def trainable_scales(self, index: ModelIndex, *, origin: str) -> dict[str, float | None]:
+        groups = self.groups(index, origin=origin)
+        return {name: self._scale(i, len(groups)) for i, (_, res) in enumerate(groups) for name in res.params}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen": self.unfrozen, "best": self.best, "bad": self.bad}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        unfrozen = as_int(state.get("unfrozen", 0))
+        if unfrozen is None or unfrozen < 0:
+            raise StateDictError(
+                f"unfreeze_on_plateau state: unfrozen must be an int >= 0, got {state.get('unfrozen')!r}; "
+                "the checkpoint is damaged or from another schedule"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self.unfrozen = int(state.get("unfrozen", 0))
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        self.bad = int(state.get("bad", 0))
+
+
 #: rule classes by the config key that names them
 RULES: dict[str, type[Rule]] = {
-    cls.kind: cls for cls in (FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, AdaptiveFreezeRule)
+    cls.kind: cls
+    for cls in (FreezeRule, GradualUnfreezeRule, ProgressiveFreezeRule, AdaptiveFreezeRule, PlateauUnfreezeRule)
 }
 
 
