@@ -312,9 +312,29 @@ def test_a_data_edit_of_a_cached_module_under_a_freezer_is_caught_at_the_next_st
     with pytest.raises(lf.FrozenParameterChanged, match=r"encoder\.0\.weight") as info:
         opt.step()  # the guard's check after the step
     assert info.value.names == ["encoder.0.weight"]
-    # a deliberate edit is accepted with refresh(); the cache is then told with verify_cache()
+    # a deliberate edit is accepted with refresh(), which tells the cache: no stale hit after it
     fz.refresh()
-    assert model.encoder.verify_cache() is False  # it held features of the old weights: dropped
+    assert model.encoder.verify_cache() is True  # already checked and re-keyed by refresh()
     for xb, _ in batches:
         torch.testing.assert_close(model.encoder(xb), fresh(model.encoder, xb), **TOL)
     fz.check()
+
+
+def test_refresh_after_a_deliberate_edit_drops_the_cached_features_of_the_old_weights():
+    torch.manual_seed(0)
+    model = _EncoderHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fz = lf.Freezer(model, opt)
+    fz.freeze("encoder", mode="eval")
+    model.encoder = lf.cache(model.encoder)
+    xs = torch.randn(16, 6).split(4)
+    for xb in xs + xs[:1]:  # an epoch fills the cache; the next one starts with a hit
+        model.encoder(xb)
+    assert model.encoder.stats().hits == 4
+    with torch.no_grad():
+        model.encoder[0].weight.data.mul_(1.5)  # an EMA-style edit no version counter sees
+    fz.refresh()  # accepted on purpose
+    misses = model.encoder.stats().misses
+    out = model.encoder(xs[1])  # not served since the last deep check: would be a stale hit
+    assert model.encoder.stats().misses == misses + 4
+    torch.testing.assert_close(out, fresh(model.encoder, xs[1]), **TOL)

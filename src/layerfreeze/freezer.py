@@ -499,8 +499,19 @@ class Freezer:
         self.guard.check(step=self.optimizer_steps if self.optimizer is not None else None)
 
     def refresh(self) -> None:
-        """Accept the current values of frozen parameters (after a deliberate edit)."""
+        """Accept the current values of frozen parameters (after a deliberate edit).
+
+        Feature caches inside the model (:func:`layerfreeze.cache`) are told
+        too: each compares its weights with what its features were computed
+        from and drops them if they differ, so a hit never serves features of
+        the values before the edit.
+        """
         self.guard.refresh()
+        from .feature_cache.api import is_cached
+
+        for m in self.module.modules():
+            if is_cached(m):
+                m.verify_cache()  # type: ignore[operator]
 
     # ------------------------------------------------------------------ checkpoints
 

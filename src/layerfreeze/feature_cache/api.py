@@ -169,9 +169,9 @@ def cache(
     per sample, and never after ``verify_every`` calls. Under a
     :class:`~layerfreeze.Freezer` with its guard on, such an edit of the
     frozen weights raises :class:`~layerfreeze.FrozenParameterChanged` after
-    the next optimizer step; after accepting a deliberate edit with
-    ``Freezer.refresh()``, call ``verify_cache()`` (the Freezer does not tell
-    the cache).
+    the next optimizer step; accepting a deliberate edit with
+    ``Freezer.refresh()`` also checks every cache in the model, which drops
+    features of the old weights.
 
     **Copies.** ``copy.deepcopy`` and pickling (``torch.save(model)``) keep
     the settings, not the features: the copy starts with an empty cache of its
