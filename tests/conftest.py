@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 import layerfreeze as lf
@@ -154,3 +157,46 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
 @pytest.fixture
 def take_snapshot() -> Callable[..., dict[str, Any]]:
     return snapshot
+
+
+# --------------------------------------------------------------------------- several processes
+
+GLOO_WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(worker: Callable[..., None], *args: Any) -> list[dict[str, Any]]:
+    """Run ``worker(rank, port, queue, *args)`` on ``GLOO_WORLD`` processes.
+
+    Each worker puts one dict with its ``rank`` on the queue (``crash`` holds
+    an exception it caught instead of hanging the parent), flushes the queue,
+    then ends with ``dist.barrier(); dist.destroy_process_group();
+    os._exit(0)``: torch's gloo teardown otherwise aborts about half the time.
+    Returns the dicts by rank.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # pytest imports test files as ``tests.test_x`` (importlib mode); the
+    # children unpickle the worker by that name, so they need the root
+    sys.path.insert(0, root)
+    try:
+        q = mp.get_context("spawn").Queue()
+        procs = mp.spawn(worker, args=(_free_port(), q, *args), nprocs=GLOO_WORLD, join=False)
+        got = [q.get(timeout=150) for _ in range(GLOO_WORLD)]
+        procs.join(timeout=60)
+    finally:
+        sys.path.remove(root)
+    got.sort(key=lambda r: r["rank"])
+    for r in got:
+        assert "crash" not in r, r["crash"]
+    return got
+
+
+@pytest.fixture(scope="session")
+def spawn_gloo() -> Callable[..., list[dict[str, Any]]]:
+    """:func:`_spawn`: run a worker on 2 gloo processes, results by rank."""
+    return _spawn

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -158,35 +155,11 @@ def _worker(rank: int, port: int, q: Any, train_path: str, pre_path: str) -> Non
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(worker: Any, *args: Any) -> list[dict[str, Any]]:
-    """Run ``worker(rank, port, queue, *args)`` on 2 processes; results by rank."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # the children unpickle the worker by this file's module name, so they need the root
-    sys.path.insert(0, root)
-    try:
-        q = mp.get_context("spawn").Queue()
-        procs = mp.spawn(worker, args=(_free_port(), q, *args), nprocs=WORLD, join=False)
-        got = [q.get(timeout=150) for _ in range(WORLD)]
-        procs.join(timeout=60)
-    finally:
-        sys.path.remove(root)
-    got.sort(key=lambda r: r["rank"])
-    for r in got:
-        assert "crash" not in r, r["crash"]
-    return got
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(tmp_path_factory: pytest.TempPathFactory, spawn_gloo: Any) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cache_ddp")
     train_path, pre_path = root / "train", root / "pre"
-    results = spawn(_worker, str(train_path), str(pre_path))
+    results = spawn_gloo(_worker, str(train_path), str(pre_path))
     return {"results": results, "train_path": train_path, "pre_path": pre_path}
 
 

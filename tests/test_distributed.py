@@ -7,14 +7,11 @@ each assert on one scenario's results.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import layerfreeze as lf
@@ -157,34 +154,9 @@ def _worker(rank: int, port: int, q: Any) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(worker: Any, *args: Any) -> list[dict[str, Any]]:
-    """Run ``worker(rank, port, queue, *args)`` on 2 processes; results by rank."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # pytest imports this file as ``tests.test_distributed`` (importlib mode);
-    # the children unpickle the worker by that name, so they need the root
-    sys.path.insert(0, root)
-    try:
-        q = mp.get_context("spawn").Queue()
-        procs = mp.spawn(worker, args=(_free_port(), q, *args), nprocs=WORLD, join=False)
-        got = [q.get(timeout=150) for _ in range(WORLD)]
-        procs.join(timeout=60)
-    finally:
-        sys.path.remove(root)
-    got.sort(key=lambda r: r["rank"])
-    for r in got:
-        assert "crash" not in r, r["crash"]
-    return got
-
-
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    return spawn(_worker)
+def results(spawn_gloo: Any) -> list[dict[str, Any]]:
+    return spawn_gloo(_worker)
 
 
 def test_plain_ddp_diverges_after_unfreeze(results: list[dict[str, Any]]) -> None:

@@ -8,14 +8,11 @@ the same training done unsharded on the whole batch.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import layerfreeze as lf
@@ -111,27 +108,9 @@ def _worker(rank: int, port: int, q: Any) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)  # children unpickle the worker as tests.test_fsdp
-    try:
-        q = mp.get_context("spawn").Queue()
-        procs = mp.spawn(_worker, args=(_free_port(), q), nprocs=WORLD, join=False)
-        got = [q.get(timeout=150) for _ in range(WORLD)]
-        procs.join(timeout=60)
-    finally:
-        sys.path.remove(root)
-    got.sort(key=lambda r: r["rank"])
-    for r in got:
-        assert "crash" not in r, r["crash"]
-    return got
+def results(spawn_gloo: Any) -> list[dict[str, Any]]:
+    return spawn_gloo(_worker)
 
 
 def test_fsdp2_follows_freeze_changes_mid_run(results: list[dict[str, Any]]) -> None:
