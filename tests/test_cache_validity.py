@@ -287,13 +287,19 @@ class _EncoderHead(nn.Module):
         return self.head(self.encoder(x))
 
 
-def test_a_data_edit_of_a_cached_module_under_a_freezer_is_caught_at_the_next_step():
+def _cached_under_freezer() -> tuple[_EncoderHead, torch.optim.Optimizer, lf.Freezer]:
+    """A model whose encoder is frozen in eval mode by a Freezer, then cached."""
     torch.manual_seed(0)
     model = _EncoderHead()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fz = lf.Freezer(model, opt)
     fz.freeze("encoder", mode="eval")
     model.encoder = lf.cache(model.encoder)
+    return model, opt, fz
+
+
+def test_a_data_edit_of_a_cached_module_under_a_freezer_is_caught_at_the_next_step():
+    model, opt, fz = _cached_under_freezer()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
     batches = list(zip(x.split(4), y.split(4), strict=True))
@@ -321,12 +327,7 @@ def test_a_data_edit_of_a_cached_module_under_a_freezer_is_caught_at_the_next_st
 
 
 def test_refresh_after_a_deliberate_edit_drops_the_cached_features_of_the_old_weights():
-    torch.manual_seed(0)
-    model = _EncoderHead()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    fz = lf.Freezer(model, opt)
-    fz.freeze("encoder", mode="eval")
-    model.encoder = lf.cache(model.encoder)
+    model, _opt, fz = _cached_under_freezer()  # the optimizer kept alive beside the Freezer
     xs = torch.randn(16, 6).split(4)
     for xb in xs + xs[:1]:  # an epoch fills the cache; the next one starts with a hit
         model.encoder(xb)
