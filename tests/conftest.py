@@ -5,6 +5,11 @@
 - ``TiedLM``: a tiny language model whose output head shares its weight with
   the token embedding.
 - ``SmallCNN``: conv/BatchNorm/Dropout features and a linear head.
+- ``Encoder``: a BERT-shaped toy (``encoder.layer[i]`` with attention,
+  LayerNorm and dropout; a BatchNorm ``norm``; a head tied to the embedding).
+- ``Mlp``: three linear layers 4-8-8-1 with an activation between them.
+- ``stack(n, width)``: ``n`` linear layers in ``[0]`` and a linear head
+  ``[1]``, the usual model of the schedule and lr tests.
 - ``tiny_bert``: a randomly initialised ``transformers.BertModel`` from a
   small ``BertConfig`` (no download).
 """
@@ -88,6 +93,54 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class Encoder(nn.Module):
+    """A BERT-shaped toy: encoder.layer[i].attention / .LayerNorm / .dropout."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            nn.ModuleDict({"attention": nn.Linear(4, 4), "LayerNorm": nn.LayerNorm(4), "dropout": nn.Dropout(0.5)})
+            for _ in range(n)
+        )
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 10)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens).mean(1)
+        for block in self.encoder.layer:
+            h = block["dropout"](block["LayerNorm"](block["attention"](h)))
+        return self.head(self.norm(h))
+
+
+def encoder_layer(i: int) -> list[str]:
+    """The parameter names of ``Encoder``'s block ``i``, in model order."""
+    return [f"encoder.layer.{i}.{m}.{p}" for m in ("attention", "LayerNorm") for p in ("weight", "bias")]
+
+
+class Mlp(nn.Module):
+    """fc1 4-8, fc2 8-8, fc3 8-1 with ``act`` between them."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor] = torch.tanh) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 1)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def stack(n: int = 3, width: int = 4) -> nn.Sequential:
+    """``n`` linear layers ``width``-``width`` in ``[0]``, a linear head to 1 in ``[1]`` (seed 0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(*[nn.Linear(width, width) for _ in range(n)]), nn.Linear(width, 1))
+
+
 @pytest.fixture
 def net() -> Net:
     torch.manual_seed(0)
@@ -115,6 +168,11 @@ def tied_lm() -> TiedLM:
 def cnn() -> SmallCNN:
     torch.manual_seed(0)
     return SmallCNN()
+
+
+@pytest.fixture
+def encoder() -> Encoder:
+    return Encoder()
 
 
 @pytest.fixture

@@ -7,20 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import Mlp
 from torch import nn
 
 import layerfreeze as lf
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
 class CountingBackend:
@@ -46,7 +36,7 @@ def _schedule() -> lf.Schedule:
 
 def _run(compiled: bool) -> tuple[list[dict[str, torch.Tensor | None]], list[int], list[list[str]]]:
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp()
     backend = CountingBackend()
     model = torch.compile(net, backend=backend) if compiled else net
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -100,7 +90,7 @@ def test_plain_compiled_model_recompiles_on_requires_grad_flip() -> None:
     # always seen (no stale graph computing gradients for a frozen weight)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp()
     backend = CountingBackend()
     model = torch.compile(net, backend=backend)
     x = torch.randn(3, 4)

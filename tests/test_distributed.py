@@ -12,23 +12,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from tests.conftest import Mlp
 from torch import nn
 
 import layerfreeze as lf
 from layerfreeze.distributed import RankMismatchError, check_frozen_set, frozen_set_digest
 
 WORLD = 2
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +46,7 @@ def _same_on_all_ranks(t: torch.Tensor) -> bool:
 
 def _plain_unfreeze(rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp(torch.relu)
     net.fc2.requires_grad_(False)
     ddp = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -71,7 +61,7 @@ def _plain_unfreeze(rank: int) -> dict[str, Any]:
 
 def _plain_freeze(rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp(torch.relu)
     ddp = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     _train_step(ddp, opt, rank, 0)
@@ -87,7 +77,7 @@ def _plain_freeze(rank: int) -> dict[str, Any]:
 
 def _with_layerfreeze(rank: int, bucket_view: bool) -> dict[str, Any]:
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp(torch.relu)
     ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=bucket_view)
     opt = torch.optim.AdamW(net.parameters(), lr=0.05)
     schedule = lf.Schedule().freeze("fc2", until_epoch=2).freeze("fc1", from_epoch=3)
@@ -120,7 +110,7 @@ def _with_layerfreeze(rank: int, bucket_view: bool) -> dict[str, Any]:
 
 def _mismatch(rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    net = Net()
+    net = Mlp(torch.relu)
     ddp = nn.parallel.DistributedDataParallel(net)
     fz = lf.Freezer(ddp, torch.optim.SGD(net.parameters(), lr=0.1))
     error = ""
@@ -197,6 +187,6 @@ def test_digest_is_order_free_and_single_process_check_is_a_no_op() -> None:
     assert frozen_set_digest(["a", "b"]) == frozen_set_digest(["b", "a", "a"])
     assert frozen_set_digest(["a"]) != frozen_set_digest(["b"])
     check_frozen_set(["anything"])  # no process group: nothing to compare
-    net = Net()
+    net = Mlp(torch.relu)
     fz = lf.Freezer(net)
     assert fz.distributed is None

@@ -13,23 +13,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from tests.conftest import Mlp
 from torch import nn
 
 import layerfreeze as lf
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 WORLD = 2
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
 def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +40,9 @@ def _worker(rank: int, port: int, q: Any) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(0)
-        ref = Net()
+        ref = Mlp()
         torch.manual_seed(0)
-        net = Net()
+        net = Mlp()
         lf.freeze(ref, "fc2")
         lf.freeze(net, "fc2")  # frozen at shard time
         for layer in (net.fc1, net.fc2, net.fc3):

@@ -8,15 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import stack
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
 import layerfreeze as lf
-
-
-def _stack() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 1))
 
 
 def _lr_of(opt: torch.optim.Optimizer, p: nn.Parameter) -> float:
@@ -25,7 +21,7 @@ def _lr_of(opt: torch.optim.Optimizer, p: nn.Parameter) -> float:
 
 @pytest.mark.parametrize("groups", ["0", ["0.0", "0.1", "0.2"]], ids=["container", "list"])
 def test_group_k_below_the_top_trains_at_lr_decay_k(groups: object) -> None:
-    net = _stack()
+    net = stack()
     opt = torch.optim.AdamW(lf.layer_decay_groups(net, groups, lr=1e-2, decay=0.5, weight_decay=0.1))
     assert _lr_of(opt, net[1].weight) == 1e-2
     assert [_lr_of(opt, net[0][i].weight) for i in (2, 1, 0)] == [1e-2, 5e-3, 2.5e-3]
@@ -34,7 +30,7 @@ def test_group_k_below_the_top_trains_at_lr_decay_k(groups: object) -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    net = _stack()
+    net = stack()
     with pytest.raises(lf.ArgumentError, match="decay must be a number in"):
         lf.layer_decay_groups(net, "0", lr=1e-2, decay=0.0)
     with pytest.raises(lf.ArgumentError, match="lr must be a finite non-negative number"):
@@ -44,7 +40,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_a_schedule_keeps_the_decayed_lrs_under_a_scheduler_and_a_warmup() -> None:
-    net = _stack()
+    net = stack()
     opt = torch.optim.SGD(lf.layer_decay_groups(net, "0", lr=0.1, decay=0.5), lr=0.1)
     fz = lf.Freezer(net, opt, lf.Schedule().freeze("0", until_epoch=1), warmup=lf.Warmup(epochs=2, start=0.5))
     s = sched.StepLR(opt, step_size=2, gamma=0.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import stack
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -169,11 +170,6 @@ SCHEDULERS = {
 }
 
 
-def _stack() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 1))
-
-
 def _asked(model: nn.Sequential, ask: str) -> dict[int, float]:
     """The base lr each backbone parameter was asked for."""
     layers = list(model[0])
@@ -187,7 +183,7 @@ def _asked(model: nn.Sequential, ask: str) -> dict[int, float]:
 @pytest.mark.parametrize("ask", ["lr_decay", "unfreeze_lr", "unfreeze(lr=)"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_group_trains_at_its_base_times_the_head_factor(name: str, ask: str, order: str, built_from: str) -> None:
-    model = _stack()
+    model = stack()
     lf.freeze(model, "0")
     params = model[1].parameters() if built_from == "trainable" else model.parameters()
     opt = torch.optim.SGD(params, lr=LR, momentum=0.9)

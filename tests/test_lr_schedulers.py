@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import stack
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -14,11 +15,6 @@ import layerfreeze as lf
 
 LR = 0.1
 DECAY = 0.5
-
-
-def stack(n: int = 3) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(n)]), nn.Linear(4, 1))
 
 
 def gradual() -> lf.Schedule:

@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import stack
 from torch import nn
 
 import layerfreeze as lf
-
-
-def _stack() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 1))
 
 
 def _trainable_layers(net: nn.Sequential) -> list[bool]:
@@ -23,7 +19,7 @@ def _trainable_layers(net: nn.Sequential) -> list[bool]:
 
 
 def test_each_plateau_unfreezes_the_next_group_from_the_top() -> None:
-    net = _stack()
+    net = stack()
     opt = torch.optim.SGD(net[1].parameters(), lr=0.1)
     fz = lf.Freezer(net, opt, lf.Schedule().unfreeze_on_plateau("0", monitor="loss", patience=2, lr_decay=0.5))
     fz.set_epoch(0)
@@ -46,7 +42,7 @@ def test_each_plateau_unfreezes_the_next_group_from_the_top() -> None:
 
 
 def test_restore_best_loads_the_best_weights_before_the_unfreeze() -> None:
-    net = _stack()
+    net = stack()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     fz = lf.Freezer(net, opt, lf.Schedule().unfreeze_on_plateau("0", monitor="acc", maximize=True,
                                                                 restore_best=True))
@@ -71,7 +67,7 @@ def test_restore_best_loads_the_best_weights_before_the_unfreeze() -> None:
 
 def test_state_resumes_and_bad_input_is_refused() -> None:
     def make() -> tuple[nn.Sequential, lf.Freezer]:
-        net = _stack()
+        net = stack()
         sched = lf.Schedule().unfreeze_on_plateau("0", monitor="loss", patience=2)
         return net, lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1), sched)
 

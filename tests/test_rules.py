@@ -6,17 +6,12 @@ import logging
 
 import pytest
 import torch
+from tests.conftest import stack
 from torch import nn
 
 import layerfreeze as lf
 from layerfreeze.core import kept_in_eval
 from layerfreeze.rules import AdaptiveFreezeRule
-
-
-def stack(n: int = 4, width: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    layers = [nn.Linear(width, width) for _ in range(n)]
-    return nn.Sequential(nn.Sequential(*layers), nn.Linear(width, 1))
 
 
 def frozen_layers(model: nn.Module) -> list[int]:
@@ -27,7 +22,7 @@ def frozen_layers(model: nn.Module) -> list[int]:
 
 
 def test_gradual_unfreeze_container_top_first_every_two_epochs() -> None:
-    model = stack()
+    model = stack(4)
     s = lf.Schedule().gradual_unfreeze("0", start_epoch=2, every=2)
     got = [[n.split(".")[1] for n in s.frozen_at(model, epoch=e) if n.endswith("weight")] for e in range(10)]
     assert got == [
