@@ -8,6 +8,7 @@ import sys
 import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,3 +196,41 @@ def test_selector_errors_read_without_an_argument_prefix(capsys):
     assert code == 2
     assert "argument" not in err
     assert err.startswith("layerfreeze: error: --select: selector 'fc9' matches nothing")
+
+
+def test_cli_plan_and_inspect(tmp_path: Path, capsys: Any) -> None:
+    target = tmp_path / "model.py"
+    target.write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 1))\n"
+    )
+    config = tmp_path / "plan.yaml"
+    config.write_text("rules:\n  - gradual_unfreeze: '1'\n    start_epoch: 1\n")
+    png = tmp_path / "plan.png"
+    assert cli.main(["plan", str(config), "--model", f"{target}:build", "--epochs", "3", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "1.0" in out and "1.1" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    code = cli.main(["inspect", f"{target}:build", "--select", "1", "--exclude", "1.1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "selected: 6 of 21 params" in out
+
+    code = cli.main(["inspect", f"{target}:build", "--select", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "closest names" in err
+    assert cli.main(["inspect", f"{target}:buld"]) == 2
+    assert "'build'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "layerfreeze", "inspect", "layerfreeze.demos.seed:SeedNet", "--select", "fc2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "selected: 12 of 73 params" in done.stdout

@@ -208,3 +208,39 @@ def test_core_import_loads_no_optional_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_round_trip_files_and_errors(tmp_path: Path, encoder) -> None:
+    d = {
+        "rules": [
+            {"freeze": "embed", "until_epoch": 4},
+            {"gradual_unfreeze": "encoder.layer", "start_epoch": 2, "lr_decay": 0.8},
+            {"progressive_freeze": ["encoder.layer[0]", "encoder.layer[1]"], "start": 0.5, "end": 0.9, "total_epochs": 10},
+            {"adaptive_freeze": "encoder.layer", "check_every": 5},
+        ]
+    }
+    s = lf.Schedule.from_dict(d)
+    assert s.to_dict() == d
+    assert lf.Schedule.from_dict(s.to_dict()).to_dict() == d
+    (tmp_path / "s.json").write_text(json.dumps(d))
+    (tmp_path / "s.yaml").write_text("rules:\n  - freeze: embed\n    until_epoch: 4\n")
+    (tmp_path / "s.toml").write_text('[[rules]]\nfreeze = "embed"\nuntil_epoch = 4\n')
+    assert lf.Schedule.from_file(tmp_path / "s.json").to_dict() == d
+    for name in ("s.yaml", "s.toml"):
+        assert lf.Schedule.from_file(tmp_path / name).to_dict() == {"rules": [d["rules"][0]]}
+    with pytest.raises(ValueError, match=r"rule 1 \(gradual_unfreeze\).*start_epok"):
+        lf.Schedule.from_dict({"rules": [d["rules"][0], {"gradual_unfreeze": "x", "start_epok": 1}]})
+    with pytest.raises(ValueError, match=r"rule 0 \(freeze\).*until_epoch"):
+        lf.Schedule.from_dict({"rules": [{"freeze": "x", "until_epoch": "four"}]})
+    with pytest.raises(lf.SelectorError, match=r"rule 0 \(freeze\).*'freeze'"):
+        lf.Schedule.from_dict({"rules": [{"freeze": "embd", "until_epoch": 1}]}).validate(encoder)
+    (tmp_path / "dup.yaml").write_text("rules:\n  - freeze: embed\n    freeze: norm\n")
+    with pytest.raises(ValueError, match="freeze"):
+        lf.Schedule.from_file(tmp_path / "dup.yaml")
+
+
+def test_a_non_utf8_config_names_the_file(tmp_path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_bytes("rules:\n  - freeze: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(lf.ScheduleError, match=r"plan\.yaml: not UTF-8 text .*save the config as UTF-8"):
+        lf.Schedule.from_file(path)

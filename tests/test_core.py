@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 import torch
+from tests.conftest import encoder_layer as layer
 from torch import nn
 
 import layerfreeze as lf
@@ -335,3 +339,125 @@ def test_norm_mode_holds_only_norm_layers_with_running_statistics():
     lf.freeze(net)
     net.train()
     assert [m.training for m in net] == [True, False, True, True, False, True, True]
+
+
+# --------------------------------------------------------------------------- the functions on a BERT-shaped model
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda m: lf.freeze(m, 3),  # an unknown selector form
+        lambda m: lf.freeze(m, "norm", exclude="norm"),  # exclude removes everything
+        lambda m: lf.freeze(m.state_dict()),  # not a Module
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(encoder, bad: Any) -> None:
+    m = encoder
+    with pytest.raises((ValueError, TypeError)):
+        bad(m)
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_freeze_unfreeze_and_their_modes(encoder) -> None:
+    m = encoder
+    m.train()
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    names = lf.freeze(m, "encoder.layer[0]", "norm")  # mode="norm" by default
+    assert names == layer(0) + ["norm.weight", "norm.bias"]
+    assert all(not p.requires_grad and p.grad is None for n, p in m.named_parameters() if n in names)
+    m.train()
+    assert not m.norm.training  # running statistics stay frozen across model.train()
+    assert m.encoder.layer[0]["dropout"].training  # "norm" leaves dropout alone
+    assert lf.unfreeze(m, "norm") == ["norm.weight", "norm.bias"]
+    m.train()
+    assert m.norm.training
+
+    lf.freeze(m, "encoder.layer[1]", mode="eval")
+    m.train()
+    assert not m.encoder.layer[1]["dropout"].training  # the whole subtree is held in eval
+    lf.freeze(m, "norm", mode="keep")
+    m.train()
+    assert m.norm.training  # "keep" touches no modes
+
+    assert lf.unfreeze(m) == lf.select(m)  # no selector: the whole model
+    m.train()
+    assert all(p.requires_grad for p in m.parameters()) and all(x.training for x in m.modules())
+    assert lf.freeze(m) == lf.select(m)
+    assert lf.count_parameters(m).trainable == 0
+
+
+def test_frozen_context_restores_flags_and_modes_even_on_error(encoder) -> None:
+    m = encoder
+    lf.freeze(m, "norm")
+    m.train()
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    modes = {n: x.training for n, x in m.named_modules()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with lf.frozen(m, "encoder", mode="eval") as names:
+            assert names == lf.select(m, "encoder")
+            m.train()
+            assert not m.encoder.layer[0]["dropout"].training
+            raise RuntimeError("inside")
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert {n: x.training for n, x in m.named_modules()} == modes
+    m.train()
+    assert not m.norm.training and m.encoder.layer[0]["dropout"].training
+
+
+def test_frozen_restores_gradients_even_when_the_block_unfreezes(net) -> None:
+    net(torch.randn(2, 10)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    with lf.frozen(net):
+        lf.unfreeze(net)
+    for n, p in net.named_parameters():
+        assert p.requires_grad
+        assert p.grad is not None and torch.equal(p.grad, grads[n]), n
+
+
+# --------------------------------------------------------------------------- tied weights: the trap and the fix
+
+
+def test_trap_tied_weights_silent_alias_and_double_count(tied_lm):
+    def plain_freeze(prefix: str, flag: bool = False) -> None:  # what the seed does: flip requires_grad by name
+        for name, p in tied_lm.named_parameters():
+            if name.count(prefix):
+                p.requires_grad = flag
+
+    # freezing the embedding by name silently freezes the head's weight too
+    plain_freeze("embed")
+    assert not tied_lm.lm_head.weight.requires_grad
+    # ... while freezing the head by name misses its weight: named_parameters()
+    # yields the shared tensor only under its first name
+    plain_freeze("embed", flag=True)
+    plain_freeze("lm_head")
+    assert tied_lm.lm_head.weight.requires_grad
+    # and counting module by module, or by state dict, counts it twice
+    unique = 252
+    per_module = sum(p.numel() for m in tied_lm.children() for p in m.parameters())
+    by_state_dict = sum(t.numel() for t in tied_lm.state_dict().values())
+    assert per_module == by_state_dict == unique + tied_lm.embed.weight.numel()
+
+
+def test_layerfreeze_handles_tied_weights(tied_lm, caplog):
+    assert lf.freeze(tied_lm, "lm_head") == ["embed.weight", "lm_head.bias"]
+    assert not tied_lm.lm_head.weight.requires_grad  # the head's weight is frozen as asked
+    assert lf.count_parameters(tied_lm) == lf.ParamCount(trainable=72, frozen=180, total=252)
+    lf.unfreeze(tied_lm)
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        lf.freeze(tied_lm, "embed")
+    assert "embed.weight is shared with lm_head.weight: both change together" in caplog.text
+
+
+# --------------------------------------------------------------------------- apply_change
+
+
+def test_apply_change_with_an_unknown_name_is_a_selector_error(net) -> None:
+    with pytest.raises(lf.SelectorError, match=r"freeze= names parameter\(s\) this model does not have: \['nope'\]"):
+        lf.apply_change(net, freeze=["nope"])
+    with pytest.raises(lf.SelectorError, match="closest names: 'fc1.weight'"):
+        lf.apply_change(net, freeze=["fc1.wieght"])
+    with pytest.raises(lf.SelectorError, match="hold= names module"):
+        lf.apply_change(net, freeze=["fc1.weight"], hold={"fc9": "eval"})
+    assert net.fc1.weight.requires_grad  # nothing changed

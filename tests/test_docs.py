@@ -89,10 +89,15 @@ def test_readme_block_runs_as_pasted_into_a_fresh_interpreter(line, source, tmp_
 def test_python_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
-    for line, source in python_blocks(path.read_text(encoding="utf-8")):
+    blocks = python_blocks(path.read_text(encoding="utf-8"))
+    ran = 0
+    for line, source in blocks:
         # Padding keeps traceback line numbers equal to the markdown file's.
         code = compile("\n" * (line - 1) + source, str(path), "exec")
         exec(code, namespace)
+        ran += 1
+    assert blocks and ran == len(blocks)  # every block ran to its end
+    assert len(namespace) > 2  # and defined what the page goes on to use (beyond __name__, __builtins__)
 
 
 def test_no_grad_leaves_requires_grad_untouched():

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import weakref
+
+import numpy as np
 import pytest
 import torch
+from tests.conftest import Encoder
 from torch import nn
 
 import layerfreeze as lf
@@ -230,9 +236,13 @@ def test_refresh_accepts_a_deliberate_change(net):
     fz.freeze("fc2")
     with torch.no_grad():
         net.fc2.weight.mul_(2)
+    doubled = net.fc2.weight.detach().clone()
     fz.refresh()
     fz.check()
+    fc1 = net.fc1.weight.detach().clone()
     step(net, opt)
+    assert torch.equal(net.fc2.weight, doubled)  # the accepted values are the ones held still
+    assert not torch.equal(net.fc1.weight, fc1)  # and the step ran
 
 
 def test_guard_off_does_not_check_after_steps(net):
@@ -241,7 +251,11 @@ def test_guard_off_does_not_check_after_steps(net):
     fz.freeze("fc2")
     with torch.no_grad():
         net.fc2.weight.add_(1.0)
+    fc1 = net.fc1.weight.detach().clone()
     step(net, opt)  # no per-step verification
+    assert not torch.equal(net.fc1.weight, fc1)  # the step ran
+    with pytest.raises(lf.FrozenParameterChanged, match="fc2.weight"):
+        fz.check()  # the change was there to see, on demand
 
 
 def test_check_with_guard_off_compares_with_the_freeze_time_fingerprint(net):
@@ -412,7 +426,233 @@ def test_unfreeze_then_refreeze_takes_new_fingerprints(net):
     fz = lf.Freezer(net, opt)
     fz.freeze("fc2")
     fz.unfreeze("fc2")
+    before = net.fc2.weight.detach().clone()
     step(net, opt)  # fc2 trains while unfrozen
+    assert not torch.equal(net.fc2.weight, before)
     fz.freeze("fc2")
+    trained = net.fc2.weight.detach().clone()
     step(net, opt)
+    fz.check()  # the fingerprints are the trained values, not the first freeze's
+    assert torch.equal(net.fc2.weight, trained)
+
+
+# --------------------------------------------------------------------------- through the public API only
+
+
+def mse_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """A step with ``zero_grad(set_to_none=False)``: the AdamW trap's set-up."""
+    opt.zero_grad(set_to_none=False)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    nn.functional.mse_loss(model(x), torch.zeros(4, 1)).backward()
+    opt.step()
+
+
+def random_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_guard_catches_one_changed_element(net, guard: bool) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt, guard=guard)
+    fz.freeze("fc2")
+    mse_step(net, opt)
     fz.check()
+    with torch.no_grad():
+        net.fc2.weight[2, 1] = torch.nextafter(net.fc2.weight[2, 1], torch.tensor(9.0))  # one ulp
+    if guard:  # after every optimizer.step()
+        with pytest.raises(lf.FrozenParameterChanged, match="fc2.weight") as info:
+            mse_step(net, opt)
+    else:  # only on demand
+        mse_step(net, opt)
+        with pytest.raises(lf.FrozenParameterChanged, match="fc2.weight") as info:
+            fz.check()
+    assert info.value.names == ["fc2.weight"]
+    assert "cause" in str(info.value).lower()
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_seed_experiment_through_the_api(net, caplog) -> None:
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1)
+    fz = lf.Freezer(net, optimizer, lf.Schedule().freeze("fc2", until_epoch=4))
+    start = net.fc2.weight.detach().clone()
+    counts = []
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        for epoch in range(1, 10):
+            made = fz.set_epoch(epoch)
+            if epoch == 1:
+                assert [(t.action, t.count, t.trainable) for t in made] == [("freeze", 12, 61)]
+            elif epoch == 4:
+                assert [(t.action, t.count, t.trainable) for t in made] == [("unfreeze", 12, 73)]
+            else:
+                assert made == []
+            counts.append(lf.count_parameters(net).trainable)
+            mse_step(net, optimizer)  # zero_grad(set_to_none=False): the AdamW trap
+            if epoch <= 3:
+                assert torch.equal(net.fc2.weight, start)
+        assert not torch.equal(net.fc2.weight, start)
+    assert counts == [61, 61, 61, 73, 73, 73, 73, 73, 73]
+    logged = [r.getMessage() for r in caplog.records if r.name == "layerfreeze"]
+    assert any("fc2.weight" in msg and "61" in msg for msg in logged)
+    assert any("73" in msg for msg in logged)
+
+
+def test_set_step_and_freezer_state_dict_round_trip(make_net) -> None:
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    s = lf.Schedule().freeze("fc1", from_step=2, until_step=5)
+    fz = lf.Freezer(net, opt, s)
+    assert fz.set_step(1) == [] and fz.set_step(2)[0].names == ("fc1.weight", "fc1.bias")
+    state = fz.state_dict()
+    other = make_net()
+    fresh = lf.Freezer(other, torch.optim.SGD(other.parameters(), lr=0.1), lf.Schedule().freeze("fc1", from_step=2, until_step=5))
+    fresh.load_state_dict(state)
+    assert [n for n, p in other.named_parameters() if not p.requires_grad] == ["fc1.weight", "fc1.bias"]
+    assert [t.action for t in fresh.set_step(5)] == ["unfreeze"]
+    with pytest.raises(lf.StateDictError):
+        lf.Freezer(Encoder()).load_state_dict(state)  # names this model does not have
+
+
+# --------------------------------------------------------------------------- lifetime
+
+
+def test_a_dropped_freezer_is_collected_and_vetoes_nothing(net) -> None:
+    lf.freeze(net, "fc1")
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    fz = lf.Freezer(net, opt, on_missing="raise")
+    dead = weakref.ref(fz)
+    del fz
+    gc.collect()
+    assert dead() is None
+    # a later, unrelated Freezer on the same model unfreezes freely
+    opt2 = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz2 = lf.Freezer(net, opt2)
+    assert fz2.unfreeze("fc1") == ["fc1.weight", "fc1.bias"]
+    assert net.fc1.weight.requires_grad
+    fc2 = net.fc2.weight.detach().clone()
+    random_step(net, opt)  # the old optimizer has no hook of the dead Freezer left
+    assert not torch.equal(net.fc2.weight, fc2)  # and its step ran
+
+
+def test_a_dropped_freezer_frees_its_optimizer_state(net) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt)
+    fz.freeze("fc2")
+    random_step(net, opt)
+    opt_ref = weakref.ref(opt)
+    del fz, opt
+    gc.collect()
+    assert opt_ref() is None
+
+
+def test_close_detaches_every_party(net) -> None:
+    opt = torch.optim.SGD([p for p in net.parameters() if p is not net.fc1.weight], lr=0.1)
+    fz = lf.Freezer(net, opt, on_missing="raise")
+    fz.close()
+    lf.freeze(net, "fc1")
+    lf.unfreeze(net, "fc1")  # the closed Freezer's sync would refuse this
+    assert net.fc1.weight.requires_grad
+    with torch.no_grad():
+        net.fc5.bias.add_(1)
+    bias = net.fc5.bias.detach().clone()
+    random_step(net, opt)  # no guard hook left
+    assert not torch.equal(net.fc5.bias, bias)  # and the step ran
+
+
+def test_a_dropped_freezer_leaves_no_hook_on_the_optimizer(net) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    before = (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks))
+    fz = lf.Freezer(net, opt, lf.Schedule().adaptive_freeze(["fc1", "fc2", "fc3"], check_every=2))
+    assert len(opt._optimizer_step_post_hooks) > before[1]
+    del fz
+    gc.collect()
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == before
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_checkpoint_from_another_schedule_is_refused_and_nothing_changes(make_net) -> None:
+    a = make_net()
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    saved = lf.Freezer(a, opt, lf.Schedule().freeze("fc1", until_epoch=4))
+    saved.set_epoch(0)
+    state = saved.state_dict()
+    saved.close()
+    b = make_net()
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    fz = lf.Freezer(b, opt_b, lf.Schedule().gradual_unfreeze(["fc2", "fc3"], start_epoch=1))
+    fz.set_epoch(0)
+    before = {n: p.requires_grad for n, p in b.named_parameters()}
+    groups = len(opt_b.param_groups)
+    with pytest.raises(lf.StateDictError, match=r"another schedule: rule 0 there is \{\"freeze\": \"fc1\".*"
+                       r"here it is \{\"gradual_unfreeze\".*Nothing was changed"):
+        fz.load_state_dict(state)
+    assert {n: p.requires_grad for n, p in b.named_parameters()} == before
+    assert len(opt_b.param_groups) == groups and fz.epoch == 0
+
+
+def test_a_checkpoint_without_signature_still_loads(make_net) -> None:
+    net = make_net()
+    fz = lf.Freezer(net, None, lf.Schedule().freeze("fc1", until_epoch=2))
+    fz.set_epoch(0)
+    state = fz.state_dict()
+    del state["schedule"]["signature"]  # as saved before signatures existed
+    other = make_net()
+    fz2 = lf.Freezer(other, None, lf.Schedule().freeze("fc1", until_epoch=2))
+    fz2.load_state_dict(state)
+    assert not other.fc1.weight.requires_grad and fz2.epoch == 0
+
+
+# --------------------------------------------------------------------------- numpy integers
+
+
+def test_numpy_integers_are_integers(net) -> None:
+    s = lf.Schedule().freeze("fc1", until_epoch=np.int64(2)).gradual_unfreeze(
+        ["fc2", "fc3"], start_epoch=np.int32(1), every=np.int64(1)
+    )
+    fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1), s, guard=np.int64(2))
+    fz.set_epoch(np.int64(1))
+    assert fz.epoch == 1 and type(fz.epoch) is int
+    assert not net.fc1.weight.requires_grad and net.fc3.weight.requires_grad
+    fz.set_step(np.int16(3))
+    assert fz.step == 3
+    assert s.to_dict()["rules"][0] == {"freeze": "fc1", "until_epoch": 2}
+    with pytest.raises(lf.ArgumentTypeError, match=r"epoch must be an int.*1\.5"):
+        fz.set_epoch(1.5)
+
+
+# --------------------------------------------------------------------------- the guard's verdict
+
+
+def test_the_guard_names_the_step_after_which_a_frozen_value_changed(net) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt)
+    fz.freeze("fc2")
+    random_step(net, opt)
+    random_step(net, opt)
+    with torch.no_grad():
+        net.fc2.weight.copy_(net.fc2.weight.flip(0))  # a permutation, no value changed
+    with pytest.raises(lf.FrozenParameterChanged, match=r"fc2\.weight\. First seen by the check after optimizer "
+                       r"step 3\.") as info:
+        random_step(net, opt)
+    assert info.value.step == 3 and info.value.names == ["fc2.weight"]
+
+
+def test_a_recorded_change_vetoes_the_next_freeze_change(net, monkeypatch) -> None:
+    """Where the verdict is read late (a GPU), a freeze change reads it first and changes nothing."""
+    from layerfreeze import guard as guard_mod
+
+    fz = lf.Freezer(net)
+    fz.freeze("fc2")
+    real = guard_mod.Guard.verdict
+    monkeypatch.setattr(guard_mod.Guard, "verdict", lambda self: None)
+    with torch.no_grad():
+        net.fc2.bias.add_(1)
+    fz.guard.observe(step=7)  # recorded, not read
+    monkeypatch.setattr(guard_mod.Guard, "verdict", real)
+    with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias. First seen by the check after optimizer step 7"):
+        fz.freeze("fc3")
+    assert net.fc3.weight.requires_grad  # the freeze did not happen

@@ -49,6 +49,8 @@ def test_no_import_circle() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m)
+    assert {"core", "freezer", "schedule", "config", "cli", "timeline"} <= set(graph)  # the walk saw the modules
+    assert set(graph) <= set(state) and set(state.values()) == {2}  # and finished each one
 
 
 def test_schedule_config_and_timeline_depend_one_way() -> None:

@@ -176,3 +176,34 @@ def test_unfreeze_lr_is_the_backbone_base_lr() -> None:
     # StepLR(step_size=2, gamma=0.5) stepped after each of 3 epochs: both at their base times 0.5
     assert lrs[id(module.backbone[0].weight)] == pytest.approx(0.005 * 0.5)
     assert lrs[id(module.head.weight)] == pytest.approx(0.05 * 0.5)
+
+
+def test_lightning_callback_takes_freezer_kwargs() -> None:
+    class HeadOnly(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)  # the backbone in no group
+
+    module = HeadOnly()
+    before = module.backbone.weight.detach().clone()
+    cb = LayerFreeze(lf.Schedule().freeze("backbone", until_epoch=1), unfreeze_lr=0.01)
+    ds = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(ds, batch_size=4))
+    assert [t.action for t in cb.transitions] == ["freeze", "unfreeze"]
+    opt = trainer.optimizers[0]
+    backbone_group = next(g for g in opt.param_groups if any(p is module.backbone.weight for p in g["params"]))
+    assert backbone_group["lr"] == 0.01  # unfreeze_lr reached the Freezer
+    assert not torch.equal(module.backbone.weight, before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from tests.conftest import Encoder
 from torch import nn
 
 import layerfreeze as lf
@@ -112,3 +113,19 @@ def test_summary_on_a_compiled_wrapper_uses_the_inner_model(net):
 def test_summary_bad_depth(net, depth):
     with pytest.raises(ValueError, match=r"depth must be a non-negative int"):
         lf.summary(net, depth=depth)
+
+
+def test_count_parameters_and_summary(net) -> None:
+    lf.freeze(net, "fc1", "fc3")  # 33 + 12 of 73
+    count = lf.count_parameters(net)
+    assert (count.trainable, count.frozen, count.total) == (28, 45, 73)
+    lf.unfreeze(net)
+    lf.freeze(net, "fc2")
+    text = lf.summary(net, depth=2)
+    assert isinstance(text, str)
+    assert "trainable params: 61 || all params: 73 || trainable%: 83.56" in text
+    header = next(line for line in text.splitlines() if "module" in line)
+    for col in ("module", "type", "parameters", "trainable", "frozen", "mode"):
+        assert col in header
+    tied = Encoder()
+    assert lf.count_parameters(tied).total == sum(p.numel() for p in tied.parameters())  # shared once

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from tests.conftest import stack
+from tests.conftest import encoder_layer, stack
 from torch import nn
 
 import layerfreeze as lf
@@ -429,3 +429,64 @@ def test_builder_signatures_come_from_the_spec() -> None:
     assert sig.parameters["every"].default == 1
     with pytest.raises(lf.ScheduleTypeError, match="missing the required keyword argument 'start_epoch'"):
         lf.Schedule().gradual_unfreeze("0")
+
+
+# --------------------------------------------------------------------------- each rule on a BERT-shaped model
+
+
+def test_gradual_unfreeze_with_lr_decay(encoder) -> None:
+    m = encoder
+    s = lf.Schedule().gradual_unfreeze("encoder.layer", start_epoch=1, every=2, lr_decay=0.5)
+    assert s.frozen_at(m, epoch=0) == lf.select(m, "encoder")
+    assert s.frozen_at(m, epoch=1) == encoder_layer(0) + encoder_layer(1) + encoder_layer(2)
+    assert s.frozen_at(m, epoch=3) == encoder_layer(0) + encoder_layer(1)
+    assert s.frozen_at(m, epoch=7) == []
+    opt = torch.optim.SGD(m.parameters(), lr=0.8)  # every parameter already in group 0
+    fz = lf.Freezer(m, opt, s)
+    fz.set_epoch(7)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr_of[id(m.encoder.layer[i]["attention"].weight)] for i in range(4)] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert lr_of[id(m.norm.weight)] == 0.8
+
+
+def test_progressive_freeze_thresholds(encoder) -> None:
+    m = encoder
+    s = lf.Schedule().progressive_freeze("encoder.layer", start=0.5, end=0.8, total_epochs=10)
+    # thresholds 0.5, 0.6, 0.7, 0.8 for the four groups, bottom first
+    assert s.frozen_at(m, epoch=4) == []
+    assert s.frozen_at(m, epoch=5) == encoder_layer(0)
+    assert s.frozen_at(m, epoch=7) == encoder_layer(0) + encoder_layer(1) + encoder_layer(2)
+    assert s.frozen_at(m, epoch=9) == lf.select(m, "encoder")
+    by_step = lf.Schedule().progressive_freeze(["encoder.layer[0]", "norm"], start=0.0, end=1.0, total_steps=4)
+    assert by_step.frozen_at(m, step=0) == encoder_layer(0)
+    assert by_step.frozen_at(m, step=4) == encoder_layer(0) + ["norm.weight", "norm.bias"]
+
+
+def test_adaptive_freeze_freezes_settled_bottom_groups() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)]), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: gradients settle at once
+    s = lf.Schedule().adaptive_freeze("0", check_every=2, percentile=50, min_trainable=1)
+    fz = lf.Freezer(model, opt, s)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for n in range(6):
+        opt.zero_grad()
+        model(x).sum().backward()
+        with torch.no_grad():  # the top groups' gradients keep changing, the bottom ones' do not
+            for i, block in enumerate(model[0]):
+                if i >= 2 and block.weight.grad is not None:
+                    block.weight.grad.mul_(1 + n * i)
+        opt.step()
+    made = fz.set_epoch(0)
+    frozen = [i for i, b in enumerate(model[0]) if not b.weight.requires_grad]
+    assert frozen and frozen == list(range(len(frozen)))  # a bottom prefix
+    assert len(frozen) <= 3  # min_trainable=1 keeps the top group
+    assert made and made[0].action == "freeze"
+    assert s.frozen_at(model) == [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def test_an_empty_freeze_window_is_refused() -> None:
+    with pytest.raises(lf.ScheduleError, match=r"from_epoch=5 is not below until_epoch=2.*never freeze"):
+        lf.Schedule().freeze("fc2", from_epoch=5, until_epoch=2)
+    with pytest.raises(lf.ScheduleError, match="from_step=3 is not below until_step=3"):
+        lf.Schedule.from_dict({"rules": [{"freeze": "fc2", "from_step": 3, "until_step": 3}]})

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from tests.conftest import encoder_layer as layer
 from torch import nn
 
 import layerfreeze as lf
@@ -404,3 +405,94 @@ def test_a_failing_callable_in_a_schedule_names_the_rule(net):
         lf.Freezer(net, opt, lf.Schedule().freeze(broken, until_epoch=2))
     assert all(p.requires_grad for p in net.parameters())
     assert len(opt.param_groups) == 1
+
+
+# --------------------------------------------------------------------------- every form on a BERT-shaped model
+
+
+def test_select_every_selector_form(encoder) -> None:
+    m = encoder
+    assert lf.select(m, "encoder.layer.0") == layer(0)
+    assert lf.select(m, "encoder.layer.0.attention.bias") == ["encoder.layer.0.attention.bias"]
+    assert lf.select(m, "encoder.layer.*.attention") == [n for i in range(4) for n in layer(i) if "attention" in n]
+    assert lf.select(m, "**.LayerNorm") == [n for i in range(4) for n in layer(i) if "LayerNorm" in n]
+    assert lf.select(m, "encoder.layer[0:2]") == layer(0) + layer(1)
+    assert lf.select(m, "encoder.layer[-2:]") == layer(2) + layer(3)
+    assert lf.select(m, "encoder.layer[3]") == layer(3)
+    assert lf.select(m, r"re:encoder\.layer\.[13]\.attention\.weight") == [
+        "encoder.layer.1.attention.weight",
+        "encoder.layer.3.attention.weight",
+    ]
+    assert lf.select(m, nn.BatchNorm1d) == ["norm.weight", "norm.bias"] == lf.select(m, "type:BatchNorm1d")
+    assert lf.select(m, lambda name, module: name == "encoder.layer.2") == layer(2)
+    # several selectors; exclude= takes one selector or a sequence
+    assert lf.select(m, "encoder.layer[0]", "norm", exclude="**.bias") == [
+        "encoder.layer.0.attention.weight",
+        "encoder.layer.0.LayerNorm.weight",
+        "norm.weight",
+    ]
+    assert lf.select(m, "encoder", exclude=["**.LayerNorm", "encoder.layer[1:]"]) == layer(0)[:2]
+    # a shared parameter once, under its first name, in model order
+    assert lf.select(m, "head") == ["embed.weight", "head.bias"]
+
+
+def test_a_misspelt_module_name_is_a_value_error_naming_the_closest_module(encoder) -> None:
+    m = encoder
+    with pytest.raises(lf.SelectorError) as info:
+        lf.freeze(m, "norm", "encoder.layr")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert "encoder.layr" in str(err) and "'encoder.layer'" in str(err)
+    assert "encoder.layer" in err.suggestions
+    assert all(p.requires_grad for p in m.parameters())  # validated before changing anything
+
+
+# --------------------------------------------------------------------------- typos: the trap and the fix
+
+
+def test_trap_a_typo_freezes_nothing_silently(net):
+    for name, p in net.named_parameters():  # what the seed does: flip requires_grad by name
+        if name.count("fc22"):
+            p.requires_grad = False
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 73  # nothing frozen, no error
+
+
+def test_layerfreeze_rejects_a_typo_and_suggests_the_name(net):
+    with pytest.raises(lf.SelectorError, match=r"'fc22' matches nothing(.|\n)*closest names: 'fc2'"):
+        lf.freeze(net, "fc22")
+    with pytest.raises(lf.SelectorError, match=r"'fc22'"):
+        lf.Schedule().freeze("fc22", until_epoch=4).frozen_at(net, epoch=1)
+    assert lf.count_parameters(net).trainable == 73
+
+
+# --------------------------------------------------------------------------- empty lists and parametrized weights
+
+
+def test_an_explicit_empty_list_selects_nothing(net) -> None:
+    assert lf.freeze(net, []) == []
+    assert all(p.requires_grad for p in net.parameters())
+    assert lf.select(net, []) == []
+    lf.freeze(net)
+    assert lf.unfreeze(net, []) == []
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(lf.SelectorError, match="nope"):
+        lf.freeze(net, [], exclude="nope")  # the exclusion is still checked
+
+
+def test_the_visible_name_of_a_parametrized_weight_selects_its_originals() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    nn.utils.parametrizations.weight_norm(net[0])
+    assert lf.select(net, "0.weight") == [
+        "0.parametrizations.weight.original0",
+        "0.parametrizations.weight.original1",
+    ]
+    lf.freeze(net, "0.weight")
+    assert not net[0].parametrizations.weight.original1.requires_grad
+    assert net[0].bias.requires_grad and net[2].weight.requires_grad
+
+
+def test_the_visible_name_after_old_style_weight_norm() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(net[0])
+    assert lf.select(net, "0.weight") == ["0.weight_g", "0.weight_v"]

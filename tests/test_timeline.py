@@ -162,3 +162,18 @@ def test_plan_table_keeps_full_labels_when_they_fit(tmp_path: Path) -> None:
     lines = _plan_at(160, tmp_path)
     header = next(line for line in lines if "epoch" in line)
     assert "encoder.layer.0" in header and "embeddings" in header and " g0 " not in header
+
+
+def test_timeline_and_plot_timeline(tmp_path: Path, encoder: nn.Module) -> None:
+    m = encoder
+    s = lf.Schedule().freeze("embed", until_epoch=1).gradual_unfreeze("encoder.layer", start_epoch=1, lr_decay=0.5)
+    rows = s.timeline(m, epochs=5)
+    assert [r.epoch for r in rows] == [0, 1, 2, 3, 4]
+    assert "embed" in rows[0].frozen and "encoder.layer.3" in rows[0].frozen
+    assert rows[1].frozen == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    assert rows[0].trainable < rows[1].trainable < rows[4].trainable == lf.count_parameters(m).total
+    assert rows[4].lr["encoder.layer.0"] == pytest.approx(0.125 * rows[4].lr["encoder.layer.3"])
+    out = lf.plot_timeline(s, m, epochs=5, path=tmp_path / "plan.png")
+    assert Path(out).read_bytes()[:8] == PNG
+    lf.plot_timeline(s, m, 5, tmp_path / "plan2.png")
+    assert (tmp_path / "plan2.png").stat().st_size > 1000

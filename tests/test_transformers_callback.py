@@ -190,3 +190,31 @@ def test_epoch_transitions_carry_the_step_they_happen_at(tmp_path: Any) -> None:
     cb = LayerFreezeCallback(lf.Schedule().freeze("bert", until_epoch=1))
     transformers.Trainer(model=_model(), args=_args(tmp_path, epochs=2), train_dataset=_data(), callbacks=[cb]).train()
     assert [(t.action, t.epoch, t.step) for t in cb.transitions] == [("freeze", 0, 0), ("unfreeze", 1, 2)]
+
+
+def test_transformers_callback_takes_freezer_kwargs(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
+        vocab_size=30, max_position_embeddings=8, num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    ids = torch.randint(1, 30, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i], "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    layer0 = model.bert.encoder.layer[0].output.dense.weight
+    before = layer0.detach().clone()
+    schedule = lf.Schedule().gradual_unfreeze("bert.encoder.layer", start_epoch=1, lr_decay=0.5)
+    cb = LayerFreezeCallback(schedule, guard=True, release_state=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert isinstance(cb.freezer, lf.Freezer)
+    # layer 1 unfreezes at epoch 1, layer 0 at epoch 2, and then really trains
+    assert [t.action for t in cb.transitions] == ["freeze", "unfreeze", "unfreeze"]
+    assert not torch.equal(layer0, before)
+    lr_of = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    top = model.bert.encoder.layer[1].output.dense.weight
+    assert lr_of[id(layer0)] == pytest.approx(0.5 * lr_of[id(top)])  # lr_decay holds under the Trainer
