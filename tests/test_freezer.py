@@ -272,6 +272,10 @@ def test_check_with_guard_off_compares_with_the_freeze_time_fingerprint(net):
         fz.check()
     assert info.value.names == ["fc2.bias"]
     fz.check()  # reported once: the new value is the reference from now on
+    with torch.no_grad():
+        net.fc2.bias[1] += 1e-3
+    with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias"):
+        fz.check()  # and a further change is seen against that new reference
 
 
 def test_check_with_guard_off_sees_parameters_frozen_before_the_freezer(net):

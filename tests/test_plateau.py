@@ -63,6 +63,7 @@ def test_restore_best_loads_the_best_weights_before_the_unfreeze() -> None:
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, best[k], rtol=0, atol=0)
     train()  # the guard took the loaded values as the reference: no FrozenParameterChanged
+    assert not torch.equal(net[1].weight, best["1.weight"])  # and the step trained on from them
 
 
 def test_state_resumes_and_bad_input_is_refused() -> None:
