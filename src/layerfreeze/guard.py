@@ -94,6 +94,11 @@ def _batched(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _keeps_record(device: torch.device) -> bool:
+    """Whether a device's record of a change stays on it (a tensor) rather than on the host (an int)."""
+    return device.type != "cpu"
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     to_local = getattr(t, "to_local", None)  # DTensor under FSDP2: check this rank's shard
     return to_local() if callable(to_local) else t
@@ -255,13 +260,12 @@ def _entry(name: str, p: nn.Parameter) -> _Entry:
 class _Device:
     """One device's frozen parameters, their reference sums, and the record of a change.
 
-    The entries' words are read as ``parts``: a large tensor in place, or
+    The entries' words are read as parts: a large tensor in place, or
     several small ones (or, on an accelerator, everything) concatenated.
     """
 
     entries: list[_Entry]
-    parts: list[list[_Entry]]
-    rotating: list[bool]  # per part: its column sums are spread over ``order_every`` checks
+    parts: list[_Part]
     exact: torch.Tensor  # reference: every row sum, tail word and column sum checked at every check
     slices: list[torch.Tensor]  # reference: the column sums of slice j of the rotating parts
     first: torch.Tensor | int = -1  # the step of the first check that saw a difference, -1: none
@@ -272,7 +276,7 @@ class _Device:
     def reset(self) -> None:
         device = self.exact.device
         # on a CPU the record is a plain int: there is no device to keep it on
-        if device.type == "cpu":
+        if not _keeps_record(device):
             self.first, self.since = -1, -1
         else:
             self.first = torch.full((), -1, dtype=torch.int64, device=device)
@@ -280,23 +284,50 @@ class _Device:
         self.pending = None
 
 
-def _part_words(part: list[_Entry]) -> torch.Tensor:
-    return part[0].current() if len(part) == 1 else torch.cat([e.current() for e in part])
+class _Part:
+    """Words of one or more entries read as one grid; the views are kept while the storage is."""
+
+    def __init__(self, entries: list[_Entry], rotating: bool, order_every: int) -> None:
+        self.entries = entries
+        self.rotating = rotating
+        self.order_every = order_every
+        self._words: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] = (_EMPTY, _EMPTY, [])
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The grid's rows, its tail, and its slices of rows (one per check in a round)."""
+        if len(self.entries) == 1:
+            w = self.entries[0].current()
+            if w is self._words:
+                return self._views
+        else:
+            w = torch.cat([e.current() for e in self.entries])
+        head, tail = _grid(w)
+        k, rows = self.order_every, len(head)
+        slices = [head[rows * j // k : rows * (j + 1) // k] for j in range(k)] if self.rotating else []
+        self._views = head, tail, slices
+        # only a single entry's own storage stays valid; a concatenation is new each time
+        self._words = w if len(self.entries) == 1 and self.entries[0].ptr != -1 else None
+        return self._views
 
 
-def _sums(d: _Device, order_every: int, slices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+_EMPTY = torch.zeros(0, dtype=torch.int64)
+
+
+def _sums(parts: list[_Part], slices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The sums compared at every check, and those of each slice in ``slices``, in few kernels."""
     exact: list[torch.Tensor] = []
     cols: list[list[torch.Tensor]] = [[] for _ in slices]
-    for part, rotating in zip(d.parts, d.rotating, strict=True):
-        head, tail = _grid(_part_words(part))
-        exact += [head.sum(1, dtype=torch.int64), tail.to(torch.int64)]
-        if not rotating:
+    for part in parts:
+        head, tail, rows = part.views()
+        exact.append(head.sum(1, dtype=torch.int64))
+        if tail.numel():
+            exact.append(tail.to(torch.int64))
+        if not part.rotating:
             exact.append(head.sum(0, dtype=torch.int64))
             continue
-        rows = len(head)
         for out, j in zip(cols, slices, strict=True):
-            out.append(head[rows * j // order_every : rows * (j + 1) // order_every].sum(0, dtype=torch.int64))
+            out.append(rows[j].sum(0, dtype=torch.int64))
     return torch.cat(exact), [torch.cat(c) if c else exact[0].new_zeros(0) for c in cols]
 
 
@@ -372,7 +403,7 @@ class Guard:
         old = self._entries
         self._set({id(p): old[id(p)] if id(p) in old else _entry(n, p) for n, p in self._frozen()})
 
-    def _plan(self, device: torch.device, entries: list[_Entry]) -> tuple[list[list[_Entry]], list[bool]]:
+    def _plan(self, device: torch.device, entries: list[_Entry]) -> list[_Part]:
         """Split a device's entries into parts: large ones alone on a CPU, the rest concatenated."""
         batched = _batched(device)
         parts: list[list[_Entry]] = []
@@ -390,8 +421,8 @@ class Guard:
             size += w.numel() * w.element_size()
         if chunk:
             parts.append(chunk)
-        rotating = [self.order_every > 1 and sum(e.words.numel() for e in p) > _SMALL for p in parts]
-        return parts, rotating
+        k = self.order_every
+        return [_Part(p, k > 1 and sum(e.words.numel() for e in p) > _SMALL, k) for p in parts]
 
     def _grouped(self, step: int) -> dict[torch.device, _Device]:
         """Each device's parts and reference sums, taken now; entries changed since they were
@@ -404,9 +435,9 @@ class Guard:
             for device, entries in groups.items():
                 # by dtype, so that parts concatenate words of one kind only
                 entries = sorted(entries, key=lambda e: str(e.words.dtype))
-                parts, rotating = self._plan(device, entries)
-                d = _Device(entries, parts, rotating, torch.zeros(0, dtype=torch.int64, device=device), [])
-                d.exact, d.slices = _sums(d, self.order_every, list(range(self.order_every)))
+                parts = self._plan(device, entries)
+                exact, slices = _sums(parts, list(range(self.order_every)))
+                d = _Device(entries, parts, exact, slices)
                 d.checked = [step] * self.order_every
                 d.reset()
                 # The references are read now; the entries' fingerprints are
@@ -463,7 +494,7 @@ class Guard:
 
     def _record(self, d: _Device, at: int, slices: list[int]) -> None:
         """Compare ``d``'s parameters with the reference; remember the first step that differs."""
-        exact, cols = _sums(d, self.order_every, slices)
+        exact, cols = _sums(d.parts, slices)
         # The window of an order-only change: since the oldest of these slices was last seen unchanged.
         since = min(d.checked[j] for j in slices)
         for j in slices:
