@@ -465,3 +465,17 @@ def test_order_every_must_be_a_positive_count(bad):
     net = torch.nn.Linear(2, 2)
     with pytest.raises(lf.ArgumentError, match=r"order_every must be an int >= 1, got .*order_every=8"):
         Guard(net, order_every=bad)
+
+
+def test_empty_and_tiny_frozen_parameters_are_checked():
+    net = torch.nn.Module()
+    net.empty = torch.nn.Parameter(torch.zeros(0))
+    net.one = torch.nn.Parameter(torch.ones(1))
+    lf.freeze(net)
+    g = Guard(net)
+    g.observe(step=1)
+    with torch.no_grad():
+        net.one.neg_()
+    with pytest.raises(lf.FrozenParameterChanged, match=r"changed value: one\. First seen by the check after "
+                       r"optimizer step 2\."):
+        g.observe(step=2)

@@ -320,15 +320,19 @@ def _sums(parts: list[_Part], slices: list[int]) -> tuple[torch.Tensor, list[tor
     cols: list[list[torch.Tensor]] = [[] for _ in slices]
     for part in parts:
         head, tail, rows = part.views()
-        exact.append(head.sum(1, dtype=torch.int64))
         if tail.numel():
             exact.append(tail.to(torch.int64))
+        if not len(head):
+            continue
+        exact.append(head.sum(1, dtype=torch.int64))
         if not part.rotating:
             exact.append(head.sum(0, dtype=torch.int64))
             continue
         for out, j in zip(cols, slices, strict=True):
             out.append(rows[j].sum(0, dtype=torch.int64))
-    return torch.cat(exact), [torch.cat(c) if c else exact[0].new_zeros(0) for c in cols]
+    if not exact:  # only empty tensors
+        exact.append(torch.zeros(0, dtype=torch.int64, device=parts[0].entries[0].words.device))
+    return exact[0] if len(exact) == 1 else torch.cat(exact), [torch.cat(c) for c in cols]
 
 
 class Guard:
@@ -436,7 +440,8 @@ class Guard:
                 # by dtype, so that parts concatenate words of one kind only
                 entries = sorted(entries, key=lambda e: str(e.words.dtype))
                 parts = self._plan(device, entries)
-                exact, slices = _sums(parts, list(range(self.order_every)))
+                rotating = any(part.rotating for part in parts)
+                exact, slices = _sums(parts, list(range(self.order_every)) if rotating else [])
                 d = _Device(entries, parts, exact, slices)
                 d.checked = [step] * self.order_every
                 d.reset()
@@ -494,9 +499,11 @@ class Guard:
 
     def _record(self, d: _Device, at: int, slices: list[int]) -> None:
         """Compare ``d``'s parameters with the reference; remember the first step that differs."""
+        if not d.slices:  # no tensor large enough to spread its column sums
+            slices = []
         exact, cols = _sums(d.parts, slices)
         # The window of an order-only change: since the oldest of these slices was last seen unchanged.
-        since = min(d.checked[j] for j in slices)
+        since = min((d.checked[j] for j in slices), default=-2)
         for j in slices:
             d.checked[j] = at
         if isinstance(d.first, int):  # a CPU: comparing costs no round trip
