@@ -221,7 +221,8 @@ def _table(results: dict[str, Any]) -> None:
     for column in ("case", "check", "median", "share of a step", "vs plain sum"):
         table.add_column(column, justify="left" if column in ("case", "check") else "right")
     labels = {"guard_check": "guard (row sums + 1/k column sums)",
-              "previous_pair_fingerprint": "previous pair of sums", "plain_sum": "plain sum (order-blind)"}
+              "previous_pair_fingerprint": "previous pair of sums (sums only)",
+              "plain_sum": "plain sum (order-blind, sums only)"}
     for case, res in results["cases"].items():
         plain = res["median_check_s"]["plain_sum"]
         for name, label in labels.items():
