@@ -479,3 +479,55 @@ def test_empty_and_tiny_frozen_parameters_are_checked():
     with pytest.raises(lf.FrozenParameterChanged, match=r"changed value: one\. First seen by the check after "
                        r"optimizer step 2\."):
         g.observe(step=2)
+
+
+@st.composite
+def _guard_case(draw):
+    t = _tensor(draw)
+    kind = draw(st.sampled_from(["single change", "transposition", "transposition in one row"]))
+    p = draw(st.integers(0, t.numel() - 1))
+    q = draw(st.integers(0, t.numel() - 1).filter(lambda q: q != p))
+    flip = draw(st.integers(0, 8 * t.element_size() - 1))
+    r = draw(st.integers(1, 3))
+    return t, kind, p, q, flip, r
+
+
+@_PROPS
+@given(_guard_case(), st.integers(1, 5))
+def test_property_the_guard_sees_any_single_change_or_transposition(case, order_every):
+    """A frozen parameter, rows of 4 words and every tensor spread over ``order_every`` checks: a
+    single change is named at the next check; a transposition within ``order_every`` checks.
+    Positions are in memory order; "in one row" swaps two elements at the same place of two words
+    of one row, which no row sum sees."""
+    from layerfreeze import guard as guard_mod
+
+    t, kind, p, q, flip, r = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(guard_mod, "_ROW", 4)
+        mp.setattr(guard_mod, "_SMALL", 8)
+        net = torch.nn.Module()
+        net.w = torch.nn.Parameter(t, requires_grad=False)
+        net.other = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+        g = Guard(net, order_every=order_every)
+        g.observe(step=0)
+        mem = guard_mod._memory(_bits(net.w.data))[0]  # a view of the storage, in memory order
+        assert mem.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        per_word = guard_mod._words(t)[0].element_size() // t.element_size()
+        if kind == "transposition in one row":
+            start = p // (4 * per_word) * (4 * per_word)
+            q = start + (p - start + r * per_word) % (4 * per_word)
+            if q >= t.numel() or q == p:
+                return
+        if kind == "single change":
+            mem[p] = (mem[p].to(torch.int64) ^ (torch.tensor(1, dtype=torch.int64) << flip)).to(mem.dtype)
+            budget = 1
+        else:
+            if mem[p] == mem[q]:
+                return
+            mem[p], mem[q] = mem[q].clone(), mem[p].clone()
+            budget = order_every
+        with pytest.raises(lf.FrozenParameterChanged) as info:
+            for step in range(1, budget + 1):
+                g.observe(step=step)
+        assert info.value.names == ["w"]
+        assert info.value.step is not None and 1 <= info.value.step <= budget

@@ -13,8 +13,9 @@ and the tail words themselves. What that sees, exactly (not with some
 probability):
 
 * **any change of a single element**: its word changes by a nonzero amount
-  mod 2**64, so its row sum (or its tail word) changes; this holds for every
-  change confined to one word, one row or one column;
+  mod 2**64, so its row sum (or its tail word) changes; more generally any
+  change confined to one word, one row (each column sum shows it) or one
+  column (each row sum shows it) is seen;
 * **two different elements swapping places**: in one word, that word changes;
   in two rows, each of those row sums changes; in one row, the two words are
   in different columns and each of those column sums changes. So
@@ -29,9 +30,10 @@ value change is seen at the check right after it) and the column sums of one
 slice of rows in ``order_every`` (8 by default) in turn, so a change that
 only moves values *within* one row of 128 words is seen within
 ``order_every`` checks; the report then names the window of steps in which it
-happened. Tensors up to ``_SMALL`` words, and :meth:`Guard.check` (on demand,
-at epoch ends), compare all column sums at once. ``order_every=1`` compares
-everything at every check.
+happened. Words read together that come to at most ``_SMALL`` (4096) words
+(small tensors are concatenated), and :meth:`Guard.check` (on demand, at
+epoch ends), have all their column sums compared at once. ``order_every=1``
+compares everything at every check.
 
 :func:`fingerprint` (used by the feature cache) is a shorter pair of 64-bit
 integers: ``S0 = sum(w_p)``, which any single change moves, and
