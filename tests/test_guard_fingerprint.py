@@ -531,3 +531,17 @@ def test_property_the_guard_sees_any_single_change_or_transposition(case, order_
                 g.observe(step=step)
         assert info.value.names == ["w"]
         assert info.value.step is not None and 1 <= info.value.step <= budget
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host record", "device record"])
+def test_a_storage_replaced_by_one_of_another_size_is_a_change(monkeypatch, on_device):
+    from layerfreeze import guard as guard_mod
+
+    monkeypatch.setattr(guard_mod, "_keeps_record", lambda device: on_device)
+    net = _big_frozen_net()
+    g = guard_mod.Guard(net)
+    g.observe(step=1)
+    net[0].weight.data = torch.zeros(97, 128)
+    with pytest.raises(lf.FrozenParameterChanged, match=r"0\.weight\. First seen by the check after optimizer step 2\."):
+        g.observe(step=2)
+        g.verdict()

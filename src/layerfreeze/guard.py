@@ -286,6 +286,13 @@ class _Device:
         self.pending = None
 
 
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether two vectors of sums differ, as a bool tensor on their device (no host round trip)."""
+    if a.shape != b.shape:  # a storage replaced by one of another size
+        return torch.ones((), dtype=torch.bool, device=a.device)
+    return (a != b).any()
+
+
 class _Part:
     """Words of one or more entries read as one grid; the views are kept while the storage is."""
 
@@ -454,7 +461,7 @@ class Guard:
                     if any(e.changed() for e in entries):
                         d.first, d.since = step, -1
                 else:
-                    bad = torch.stack([(_grid_print(e.current()) != e.print).any() for e in entries]).any()
+                    bad = torch.stack([_differs(_grid_print(e.current()), e.print) for e in entries]).any()
                     d.first = torch.where(bad, step, d.first)
                 self._devices[device] = d
         return self._devices
@@ -515,10 +522,10 @@ class Guard:
                 elif not all(torch.equal(c, d.slices[j]) for c, j in zip(cols, slices, strict=True)):
                     d.first, d.since = at, since
             return
-        bad_exact = (exact != d.exact).any()
+        bad_exact = _differs(exact, d.exact)
         bad = bad_exact
         for c, j in zip(cols, slices, strict=True):
-            bad = bad | (c != d.slices[j]).any()
+            bad = bad | _differs(c, d.slices[j])
         new = (d.first < 0) & bad
         d.since = torch.where(new, torch.where(bad_exact, -1, since), d.since)
         d.first = torch.where(new, at, d.first)
