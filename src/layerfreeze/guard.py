@@ -23,7 +23,7 @@ probability):
   permutation changes many sums at once; it goes unseen only if every row
   sum and every column sum happens to come out equal).
 
-Row sums cost one pass over the words, the same as a plain sum. Column sums
+Row sums cost one pass over the words, about as much as a plain sum. Column sums
 are a second, slower pass (a reduction across rows), so :class:`Guard` spreads
 them: each :meth:`Guard.observe` compares every row sum and tail word (so any
 value change is seen at the check right after it) and the column sums of one
