@@ -9,19 +9,24 @@ Two cases:
   small trainable head, on batches of 16 x 64 tokens: the realistic case,
   where the guard fingerprints every frozen weight after each step.
 
-For each case the same model, optimizer and data are timed two ways:
+For each case the same model, optimizer and data are timed three ways:
 
 * guard on vs off: one Freezer with ``guard=2`` checks after every second
   step, so checked and unchecked steps alternate one by one and see the same
   load on a shared machine; reported as the ratio of the median step times
   (and the median of the per-pair ratios);
 * the whole Freezer (guard on every step) vs no Freezer, in alternating
-  blocks of steps, as the median over rounds of the per-round ratio.
+  blocks of steps, as the median over rounds of the per-round ratio;
+* one guard check (``Guard.observe``, what runs after a step) side by side
+  with the previous order-aware fingerprint (a pair of sums, two passes) and
+  a plain sum of the same words (order-blind, one pass), in turns over whole
+  rounds of the rotating column sums: median times, each as a share of the
+  median step with the guard off.
 
 Absolute times are written too, but only the ratios compare across machines.
 
-Run: python benchmarks/guard_overhead.py [--pairs N] [--rounds N] [--steps N] [--cases seed minilm]
-[--quick] [--out DIR]
+Run: python benchmarks/guard_overhead.py [--pairs N] [--rounds N] [--steps N] [--checks N]
+[--threads N] [--cases seed minilm] [--quick] [--out DIR]
 Writes DIR/guard_overhead-<machine>-<YYYYMMDD>.json (DIR: benchmarks/out/, ignored by git).
 The README's figures are in benchmarks/results/, copied there by hand. A ``--quick``
 run is marked ``"comparable": false``.
@@ -43,7 +48,7 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
-from layerfreeze.guard import Guard
+from layerfreeze.guard import Guard, _moments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
@@ -127,7 +132,7 @@ def _block(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], step
     return sum(_step(opt, loss_fn) for _ in range(steps)) / steps
 
 
-def measure(case: Case, pairs: int, rounds: int, steps: int) -> dict[str, Any]:
+def measure(case: Case, pairs: int, rounds: int, steps: int, checks: int) -> dict[str, Any]:
     model, opt, loss_fn = case
     counts = lf.count_parameters(model)
     _block(opt, loss_fn, max(2, steps // 2))  # warm-up: allocator, optimizer state
@@ -160,31 +165,42 @@ def measure(case: Case, pairs: int, rounds: int, steps: int) -> dict[str, Any]:
             finally:
                 fz.close()
 
-    # One guard check, alternated with a plain sum of the same frozen words
-    # (the order-blind fingerprint the guard used before): the price of
-    # seeing order, measured side by side.
+    # The check the guard runs after a step (Guard.observe), side by side with
+    # the fingerprint it used before (the order-aware pair of sums, two
+    # passes over the words) and a plain sum of the same words (order-blind,
+    # one pass: the floor), in turns, over whole rounds of the rotating
+    # column sums.
     guard = Guard(model)
+    guard.observe()  # reads the references
     words = [e.words for e in guard._entries.values()]
-    checks: list[float] = []
-    plain: list[float] = []
-    for _ in range(max(5, pairs // 2)):
-        _sync()
-        t0 = time.perf_counter()
-        guard.check()
-        _sync()
-        checks.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch.stack([w.sum(dtype=torch.int64) for w in words]).sum().item()
-        _sync()
-        plain.append(time.perf_counter() - t0)
+    fns: dict[str, Callable[[], Any]] = {
+        "guard_check": guard.observe,
+        "previous_pair_fingerprint": lambda: torch.stack([_moments(w) for w in words]).sum(0).tolist(),
+        "plain_sum": lambda: torch.stack([w.sum(dtype=torch.int64) for w in words]).sum().item(),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(checks * guard.order_every):
+        for name in list(fns)[i % 3 :] + list(fns)[: i % 3]:  # each goes first as often as the others
+            _sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    step_off = statistics.median(off)
     return {
         "frozen_params": counts.frozen,
         "trainable_params": counts.trainable,
         "pairs": pairs,
         "median_step_s": {"guard_off": statistics.median(off), "guard_on": statistics.median(on)},
-        "median_guard_check_s": statistics.median(checks),
-        "median_plain_sum_s": statistics.median(plain),
-        "ratio_guard_check_vs_plain_sum": statistics.median([a / b for a, b in zip(checks, plain, strict=True)]),
+        "order_every": guard.order_every,
+        "checks_timed": len(times["guard_check"]),
+        "median_check_s": med,
+        "check_share_of_step": {name: m / step_off for name, m in med.items()},
+        "ratio_guard_check_vs_plain_sum": statistics.median(
+            [a / b for a, b in zip(times["guard_check"], times["plain_sum"], strict=True)]),
+        "ratio_previous_vs_plain_sum": statistics.median(
+            [a / b for a, b in zip(times["previous_pair_fingerprint"], times["plain_sum"], strict=True)]),
         "ratio_guard_on_vs_off": statistics.median(on) / statistics.median(off),
         "ratio_guard_on_vs_off_median_of_pairs": statistics.median(per_pair),
         "rounds": rounds,
@@ -196,12 +212,35 @@ def measure(case: Case, pairs: int, rounds: int, steps: int) -> dict[str, Any]:
     }
 
 
+def _table(results: dict[str, Any]) -> None:
+    """The checks side by side: median time and share of a step with the guard off."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"one check, medians ({results['device']}, {results['threads']} threads)")
+    for column in ("case", "check", "median", "share of a step", "vs plain sum"):
+        table.add_column(column, justify="left" if column in ("case", "check") else "right")
+    labels = {"guard_check": "guard (row sums + 1/k column sums)",
+              "previous_pair_fingerprint": "previous pair of sums (sums only)",
+              "plain_sum": "plain sum (order-blind, sums only)"}
+    for case, res in results["cases"].items():
+        plain = res["median_check_s"]["plain_sum"]
+        for name, label in labels.items():
+            t = res["median_check_s"][name]
+            table.add_row(case, label, f"{t * 1e3:.2f} ms", f"{res['check_share_of_step'][name]:.2%}",
+                          f"{t / plain:.2f}x")
+    Console().print(table)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["seed", "minilm"], choices=["seed", "minilm"])
     parser.add_argument("--pairs", type=int, default=0, help="on/off step pairs (default: per case)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of Freezer vs no-Freezer blocks")
     parser.add_argument("--steps", type=int, default=0, help="steps per block (default: per case)")
+    parser.add_argument("--checks", type=int, default=0,
+                        help="rounds of order_every guard checks timed side by side (default: per case)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: as set)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true",
                         help="a few pairs and rounds; its figures are marked not comparable")
@@ -210,10 +249,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.rounds, args.steps = args.pairs or 6, min(args.rounds, 2), args.steps or 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    builders = {"seed": (seed_case, 1000, 200), "minilm": (minilm_case, 30, 3)}
+    builders = {"seed": (seed_case, 1000, 200, 20), "minilm": (minilm_case, 30, 3, 4)}
     if args.quick:
-        builders = {"seed": (seed_case, 50, 20), "minilm": (minilm_case, 4, 2)}
+        builders = {"seed": (seed_case, 50, 20, 1), "minilm": (minilm_case, 4, 2, 1)}
         args.rounds = min(args.rounds, 2)
         say_if_quick(True)
     device = torch.device(args.device)
@@ -226,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cases": {},
     }
     for name in args.cases:
-        build, default_pairs, default_steps = builders[name]
-        res = measure(build(device), args.pairs or default_pairs, args.rounds, args.steps or default_steps)
+        build, default_pairs, default_steps, default_checks = builders[name]
+        res = measure(build(device), args.pairs or default_pairs, args.rounds, args.steps or default_steps,
+                      args.checks or default_checks)
         if name in NOTES:
             res["weights"] = NOTES[name]
         results["cases"][name] = res
@@ -235,10 +277,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{name:7s} guard on/off: {res['ratio_guard_on_vs_off']:.3f} "
             f"(median of pairs {res['ratio_guard_on_vs_off_median_of_pairs']:.3f}); "
             f"Freezer/no Freezer: {res['ratio_freezer_vs_no_freezer']:.3f}; "
-            f"a guard check is {res['median_guard_check_s'] / res['median_step_s']['guard_off']:.1%} of a step "
+            f"a guard check is {res['check_share_of_step']['guard_check']:.1%} of a step "
             f"({res['ratio_guard_check_vs_plain_sum']:.2f}x a plain sum of the same words) "
             f"({res['frozen_params']:,} frozen params)"
         )
+    _table(results)
     mark(results, args.quick)
     say_if_quick(args.quick)
     path = out_stem(args.out, "guard_overhead", args.machine or machine_tag(device)).with_suffix(".json")
