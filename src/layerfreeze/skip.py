@@ -37,15 +37,18 @@ How it decides and stays correct:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .core import Change
 from .errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
@@ -76,7 +79,8 @@ class SkipStats:
         groups: how many groups of that rule it covers, from the bottom (0: none).
         skipping: whether forwards skip the prefix now.
         reason: why not, when not skipping (None otherwise).
-        hits: samples whose boundary output was served from the store.
+        hits: samples whose boundary output was served from the store (the
+            skipped forward of a boundary's proof included).
         misses: samples whose boundary output was computed.
         bytes_held: bytes of stored outputs in memory.
         bytes_on_disk: bytes of stored outputs on disk.
@@ -174,6 +178,7 @@ class _Plan:
     out: Any = None
     stop: nn.Module | None = None
     outer: bool = False
+    entry: nn.Module | None = None
     served: bool = False
     track: dict[int, str] | None = None  # placeholder ids -> producing module (the proof)
     keep: list[Any] = field(default_factory=list)
@@ -296,10 +301,10 @@ class SkipParty:
         >>> fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1), s, cache=True)
         >>> _ = fz.set_epoch(0)
         >>> x = torch.randn(6, 4)
-        >>> _ = net(x); _ = net(x)  # learns the order; proves and stores
-        >>> _ = net(x.flip(0))      # served from the store
-        >>> st = fz.skip_stats(); (st.module, st.skipping, st.hits)
-        ('2', True, 12)
+        >>> _ = net(x)          # learns the order, proves the boundary on x, stores
+        >>> _ = net(x.flip(0))  # served from the store
+        >>> st = fz.skip_stats(); (st.module, st.skipping, st.misses, st.hits)
+        ('2', True, 6, 12)
     """
 
     def __init__(self, model: nn.Module, schedule: Any, config: dict[str, Any]) -> None:
@@ -321,6 +326,7 @@ class SkipParty:
         self._trace_dims: tuple[int, int | None] = (0, None)
         self._entry: nn.Module | None = None
         self._handles: list[Any] = []
+        self._trace_handles: list[Any] = []
         self._wrapped: list[weakref.ref[nn.Module]] = []
         self._arm()
 
@@ -347,9 +353,10 @@ class SkipParty:
 
     def close(self) -> None:
         """Remove every hook and instance forward; drop stored outputs held in memory."""
-        for h in self._handles:
+        for h in self._handles + self._trace_handles:
             h.remove()
         self._handles.clear()
+        self._trace_handles.clear()
         for ref in self._wrapped:
             m = ref()
             if m is not None and m.__dict__.get("forward") is not None:
@@ -382,7 +389,14 @@ class SkipParty:
     # ---------------------------------------------------------------- the order
 
     def _arm(self) -> None:
-        """Hooks on every module for one forward, to learn the order of the calls."""
+        """Hooks that learn the order of the calls on the first forward.
+
+        The model's own forward is watched from the start: its first call first
+        runs the batch once more under hooks (no grad, same random state,
+        buffers restored) and is then served like any later one. A forward
+        that starts at a submodule instead (a trainer's step calling
+        ``self.net(x)``) is learnt while it runs, and its module watched from then on.
+        """
         model = self.model
         names: dict[int, str] = {}
         for name, m in model.named_modules():
@@ -393,17 +407,24 @@ class SkipParty:
         count = itertools.count()
         me = weakref.ref(self)
         entry: list[Any] = []
+        done: list[bool] = []
+        padding = self.config["padding"]
 
-        def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
+        # both take their kwargs as optional: a hook removed while a call runs is
+        # still called for that call, without them
+        def pre(m: nn.Module, args: Any, kwargs: Any = None) -> None:
+            if done:
+                return
             if not stack and not entry:
-                entry.append((m, _dims(args, kwargs, self.config["padding"])))
+                entry.append((m, _dims(args, kwargs or {}, padding)))
             if entry:
                 stack.append(len(calls))
                 calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
 
-        def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-            if not stack:
+        def post(m: nn.Module, args: Any, *rest: Any) -> None:
+            if done or not stack:
                 return
+            out = rest[-1]
             c = calls[stack.pop()]
             c.end = next(count)
             if c.name not in outs and out is not None:
@@ -412,35 +433,51 @@ class SkipParty:
                 outs[c.name] = (spec, [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
                                        for x in leaves])
             party = me()
-            if not stack and party is not None:
-                party._learnt(entry[0], calls, outs)
+            if not stack:
+                done.append(True)
+                if party is not None:
+                    party._learnt(entry[0], calls, outs)
 
+        self._watch_entry(model)
         for m in model.modules():
-            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+            self._trace_handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            self._trace_handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
 
-    def _learnt(self, entry: tuple[nn.Module, tuple[int, int | None]], calls: list[_Call],
-                outs: dict[str, tuple[Any, list[Any]]]) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        module, dims = entry
-        self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
-        self._positional = _positional_names(type(module))
+    def _watch_entry(self, module: nn.Module) -> None:
         me = weakref.ref(self)
 
         def pre(m: nn.Module, args: Any, kwargs: Any) -> Any:
             party = me()
-            return party._pre(args, kwargs) if party is not None else None
+            return party._pre(m, args, kwargs) if party is not None else None
 
         def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
             party = me()
-            if party is not None and party._stack and party._stack[-1].outer:
+            if party is not None and party._stack and party._stack[-1].outer and party._stack[-1].entry is m:
                 party._stack.pop()
 
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _learnt(self, entry: tuple[nn.Module, tuple[int, int | None]], calls: list[_Call],
+                outs: dict[str, tuple[Any, list[Any]]]) -> None:
+        for h in self._trace_handles:
+            h.remove()
+        self._trace_handles.clear()
+        module, dims = entry
+        self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
+        self._positional = _positional_names(type(module))
+        if module is not self.model:
+            self._watch_entry(module)
         self._dirty = True
+
+    def _trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Learn the order on this batch, from the model's own forward (see :meth:`_arm`)."""
+        with _untouched(self.model):
+            self._stack.append(self._plan(args, kwargs))
+            try:
+                self.model(*args, **kwargs)
+            finally:
+                self._stack.pop()
 
     # ---------------------------------------------------------------- the boundary
 
@@ -529,6 +566,8 @@ class SkipParty:
         self._cand = best
         if best is None:
             self._active, self._reason = None, reason
+            if frozen:
+                self._note(f"not skipping the frozen prefix: {reason}")
             return
         if best.b in self._refused:
             self._active, self._reason = None, self._refused[best.b]
@@ -586,10 +625,14 @@ class SkipParty:
         device = next((x.device for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         return _Plan(batch, length, device, **how)
 
-    def _pre(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _pre(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._stack:  # a forward this party runs itself
             return None
         plain = self._strip(args, kwargs)
+        if self._entry is None and m is self.model and self._trace_handles:
+            self._trace(*plain)
+        if m is not self._entry:
+            return plain
         self._sync()
         level = self._active
         if level is not None and level.unsafe() is not None:
@@ -600,15 +643,20 @@ class SkipParty:
             return plain
         if not level.proven and not self._prove(level, args, kwargs, plain):
             return plain
+        with torch.no_grad():
+            out = self._lookup(level, args, kwargs)
+        self._migrate(level)
+        self._stack.append(self._plan(*plain, serve=level, out=out, outer=True, entry=m))
+        return plain
+
+    def _lookup(self, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The boundary's output for a call from ``level``'s store (misses computed), counted."""
         c = level.cache
         hits, misses = c.hits, c.misses
-        with torch.no_grad():
-            out = c(args, kwargs)
+        out = c(args, kwargs)
         self._hits += c.hits - hits
         self._misses += c.misses - misses
-        self._migrate(level)
-        self._stack.append(self._plan(*plain, serve=level, out=out, outer=True))
-        return plain
+        return out
 
     def _compute(self, b: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The boundary ``b``'s output for a call (its cache's misses): from the
@@ -682,55 +730,45 @@ class SkipParty:
         entry = self._entry
         assert entry is not None
         model = self.model
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-        kept = [(b, b.clone()) for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
         readers: list[Any] = []
+        plan = self._plan(*plain, serve=level, track={})
         try:
-            with torch.no_grad():
-                with torch.random.fork_rng(devices=devices):
-                    self._stack.append(self._plan(*plain))
-                    try:
-                        full = entry(*plain[0], **plain[1])
-                    finally:
-                        self._stack.pop()
-                for b, v in kept:
-                    if not torch.equal(b, v):
-                        b.copy_(v)
-                with torch.random.fork_rng(devices=devices):
-                    out = level.cache(args, kwargs)
-                    plan = self._plan(*plain, serve=level, out=out, track={})
-                    handles = self._watch(level, plan, readers)
-                    self._stack.append(plan)
-                    try:
+            with _untouched(model):
+                self._stack.append(self._plan(*plain))
+                try:
+                    full = entry(*plain[0], **plain[1])
+                finally:
+                    self._stack.pop()
+            with _untouched(model):
+                plan.out = self._lookup(level, args, kwargs)
+                handles = self._watch(level, plan, readers)
+                self._stack.append(plan)
+                try:
+                    with _Readers(plan, readers):
                         skipped = entry(*plain[0], **plain[1])
-                    finally:
-                        self._stack.pop()
-                        for h in handles:
-                            h.remove()
+                finally:
+                    self._stack.pop()
+                    for h in handles:
+                        h.remove()
             why = _differ(full, skipped, plan, self.config["padding"], *plain)
         except _Stop:
             raise
         except Exception as e:  # the skipped forward failed
             why = f"the skipped forward failed ({type(e).__name__}: {e})"
-        finally:
-            with torch.no_grad():
-                for b, v in kept:
-                    if not torch.equal(b, v):
-                        b.copy_(v)
         if why is None:
             level.proven = True
             return True
+        key = reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
+                        "training goes on without skipping")
         if readers:
             producer = plan.track.get(readers[1], "a prefix module") if plan.track is not None else "?"
+            key = f"{readers[0]} reads {producer}"
             reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
-                      "boundary does not carry; training goes on without skipping")
-        else:
-            reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
-                      "training goes on without skipping")
+                      "boundary does not carry (a connection around it); training goes on without skipping")
         self._refused[level.b] = reason
         self._active, self._reason = None, reason
-        if (readers[0] if readers else reason) not in self._warned:
-            self._warned.add(readers[0] if readers else reason)
+        if key not in self._warned:
+            self._warned.add(key)
             self._note(reason)
         return False
 
@@ -751,6 +789,41 @@ class SkipParty:
 
             handles.append(m.register_forward_pre_hook(look, with_kwargs=True))
         return handles
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Run extra forwards that leave no trace: no grad, the random state as it
+    was before, buffers of modules in training mode (running statistics) restored."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    kept = [(b, b.clone()) for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, v in kept:
+                if not torch.equal(b, v):
+                    b.copy_(v)
+
+
+class _Readers(TorchFunctionMode):
+    """During the proof: the first torch function that reads a placeholder after
+    the boundary was served (``readers`` gets its name and the placeholder's id)."""
+
+    def __init__(self, plan: _Plan, readers: list[Any]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.readers = readers
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        track = self.plan.track
+        if self.plan.served and not self.readers and track:
+            hit = next((id(x) for x in _leaves(args, kwargs) if id(x) in track), None)
+            if hit is not None:
+                self.readers.extend([getattr(func, "__name__", str(func)), hit])
+        return func(*args, **kwargs)
 
 
 def _leaves(args: Any, kwargs: Any) -> list[Any]:
