@@ -1,188 +1,26 @@
-"""Skipping the frozen prefix's forward: a Freezer party (``Freezer(..., cache=...)``).
-
-While the bottom groups of a schedule's rule are frozen in eval mode, every
-module the forward runs up to the last of them (the *boundary*, embeddings and
-stems included) computes the same output for a sample at every step. The
-party stores the boundary's output per sample, keyed like :func:`layerfreeze.cache`
-(content, real tokens, sample ids), and on a batch it has seen makes the
-prefix cost nothing: the modules before the boundary return a placeholder of
-their output structure and the boundary returns the stored rows.
-
-How it decides and stays correct:
-
-* **The order.** The first forward runs with hooks on every module and records
-  which module runs inside which, and in what order. A group's *boundary* is the
-  module of the group that finishes last; its *prefix* is every module that
-  finishes before it (except the modules that contain it).
-* **The boundary.** The highest group (of any rule's groups) whose prefix has no
-  trainable parameter, no module in training mode where that matters (dropout,
-  batch statistics, a class whose ``forward`` reads ``self.training``) and no
-  hooks. Otherwise nothing is skipped and :class:`SkipStats` says why.
-* **The proof.** Before the first skip at a new boundary, one batch runs both
-  ways (the full forward and the skipped one, from the same random state, with
-  buffers restored after) and every output tensor is compared (real positions
-  only, in a padded batch). A model that reads a prefix output the boundary does
-  not carry (a connection around the boundary) is refused: a warning names the
-  module that read a placeholder when one is found, and training goes on
-  without skipping.
-* **Levels.** Each boundary is a level: a :class:`~layerfreeze.feature_cache.call._FeatureCache`
-  over a view of its prefix, so keys, padding, stores, the disk layout and
-  validity are those of :func:`layerfreeze.cache` (the disk directory is named
-  by the prefix's weights, its module tree and the boundary). When the boundary
-  moves up, a missing sample of the new level is computed from the level below
-  (its stored row through the newly frozen group only); the lower level is
-  dropped once every sample it held is stored above. When it moves down, levels
-  above are dropped.
-"""
+"""The party: learns the order of the calls, decides the boundary, serves the
+stored output and placeholders during a forward (see :mod:`layerfreeze.skip`)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import types
 import warnings
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .core import Change
-from .errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
-from .feature_cache.api import cache_config
-from .feature_cache.call import _FeatureCache, _positional_names
-from .feature_cache.check import _close
-from .feature_cache.layout import _CONST_TYPES, _flatten, _unflatten
-from .rules import _roots
-from .selectors import ModelIndex
+from ..core import Change
+from ..feature_cache.call import _positional_names
+from ..feature_cache.layout import _flatten, _unflatten
+from ..rules import _roots
+from ..selectors import ModelIndex
+from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
+from .proof import _dims, _leaves, _untouched, prove
 
-__all__ = ["SkipParty", "SkipStats", "skip_config"]
-
-_KEYS = ("store", "path", "max_bytes", "verify_every", "padding", "pad_value", "key", "dtype")
-
-# torch.nn classes whose forward depends on the training flag
-_MODAL = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.MultiheadAttention,
-          nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
-
-
-@dataclass(frozen=True)
-class SkipStats:
-    """What skipping the frozen prefix does now (:meth:`layerfreeze.Freezer.skip_stats`).
-
-    Attributes:
-        boundary: the label of the highest frozen group whose output is stored
-            (``"encoder.layer.2"``), or None.
-        module: the module whose output is stored (the group's last module).
-        groups: how many groups of that rule it covers, from the bottom (0: none).
-        skipping: whether forwards skip the prefix now.
-        reason: why not, when not skipping (None otherwise).
-        hits: samples whose boundary output was served from the store (the
-            skipped forward of a boundary's proof included).
-        misses: samples whose boundary output was computed.
-        bytes_held: bytes of stored outputs in memory.
-        bytes_on_disk: bytes of stored outputs on disk.
-        entries: samples stored at the boundary.
-    """
-
-    boundary: str | None
-    module: str | None
-    groups: int
-    skipping: bool
-    reason: str | None
-    hits: int
-    misses: int
-    bytes_held: int
-    bytes_on_disk: int
-    entries: int
-
-
-def skip_config(value: object) -> dict[str, Any] | None:
-    """Check the ``cache=`` argument of :class:`~layerfreeze.Freezer`.
-
-    Args:
-        value: None/False (off), True or ``"memory"``, ``"disk"`` (with a
-            path: pass a dict), or a dict of :func:`layerfreeze.cache` keyword
-            arguments (``store``, ``path``, ``max_bytes``, ``padding``,
-            ``pad_value``, ``key``, ``dtype``, ``verify_every``).
-
-    Returns:
-        The store's settings, or None when off.
-
-    Raises:
-        ArgumentTypeError: not one of those types.
-        ArgumentError: an unknown key or a value :func:`layerfreeze.cache` refuses.
-
-    Example:
-        >>> from layerfreeze.skip import skip_config
-        >>> skip_config(True)["store"], skip_config(None)
-        ('memory', None)
-    """
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {"store": "memory"}
-    elif isinstance(value, str):
-        if value == "disk":
-            raise ArgumentError("cache='disk' needs a directory: pass cache={'store': 'disk', 'path': '...'}")
-        value = {"store": value}
-    elif not isinstance(value, dict):
-        raise ArgumentTypeError(
-            f"cache must be None, True, 'memory', or a dict of lf.cache arguments (e.g. "
-            f"{{'store': 'disk', 'path': '...'}}), got {type(value).__name__}"
-        )
-    unknown = [k for k in value if k not in _KEYS]
-    if unknown:
-        raise ArgumentError(f"cache= has unknown key(s) {unknown}; accepted: {', '.join(_KEYS)}")
-    try:
-        return cache_config(**value, batch_dim=0)
-    except CacheTypeError as e:
-        raise ArgumentTypeError(f"cache=: {e}") from None
-    except CacheError as e:
-        raise ArgumentError(f"cache=: {e}") from None
-
-
-class _Stop(BaseException):
-    """Ends a forward at the boundary (a BaseException: model code catching Exception does not swallow it)."""
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-
-
-@dataclass
-class _Call:
-    name: str
-    start: int
-    parent: int | None
-    end: int = -1
-
-
-@dataclass
-class _Candidate:
-    label: str
-    count: int  # groups of its rule from the bottom, this one included
-    b: str  # the boundary module
-    params: list[str]  # parameters of those groups
-
-
-@dataclass
-class _Plan:
-    """What one forward does: serve a level's stored output, stop at a module, or neither."""
-
-    batch: int
-    length: int | None
-    device: torch.device
-    serve: Any = None  # the level whose boundary returns ``out``
-    out: Any = None
-    stop: nn.Module | None = None
-    outer: bool = False
-    entry: nn.Module | None = None
-    served: bool = False
-    track: dict[int, str] | None = None  # placeholder ids -> producing module (the proof)
-    keep: list[Any] = field(default_factory=list)
-
+__all__ = ["SkipParty"]
 
 def _skip_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The instance ``forward`` of a prefix module: asks its party what to do."""
@@ -194,93 +32,6 @@ def _skip_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-
-
-def _mode_matters(m: nn.Module) -> bool:
-    if isinstance(m, _MODAL):
-        return True
-    if type(m).__module__.startswith("torch.nn."):
-        return False
-    code = getattr(getattr(type(m), "forward", None), "__code__", None)
-    return code is not None and "training" in code.co_names
-
-
-class _PrefixView(nn.Module):
-    """The prefix of one boundary as a module tree: what a level's cache checks and names its disk store by."""
-
-    def __init__(self, parts: dict[str, nn.Module], boundary: str, party: SkipParty) -> None:
-        super().__init__()
-        self.parts = nn.ModuleDict({n.replace(".", "/"): m for n, m in parts.items()})
-        self.boundary = boundary
-        self._party = weakref.ref(party)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        party = self._party()
-        assert party is not None
-        return party._compute(self.boundary, args, kwargs)
-
-
-class _LevelCache(_FeatureCache):
-    """A level's store: the feature cache of its prefix view."""
-
-    def __init__(self, view: _PrefixView, config: dict[str, Any], level: _Level, party: SkipParty) -> None:
-        super().__init__(view, _PrefixView, config)
-        self._positional = party._positional
-        self.name = f"the frozen prefix up to {level.b}"
-        self._level = level
-        self._party = weakref.ref(party)
-
-    def _scan(self) -> tuple[tuple[Any, ...], bool]:
-        token, hooks, _ = self._scan_all()
-        return (token, hooks), self._level.unsafe() is not None
-
-    def _why_not(self, inputs: list[Any]) -> str | None:
-        reason = self._level.unsafe()
-        if reason is not None:
-            return reason
-        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
-            return "an input requires grad, so gradients must flow through the prefix"
-        return None
-
-    def _warn(self, reason: str) -> None:
-        party = self._party()
-        if party is not None:
-            party._note(f"{self.name}: {reason}; computed, not stored")
-
-
-class _Level:
-    """One boundary: its prefix, the modules that return placeholders, its store."""
-
-    def __init__(self, party: SkipParty, cand: _Candidate, before: list[str], prefix: list[str]) -> None:
-        modules = dict(party.model.named_modules())
-        self.cand = cand
-        self.b = cand.b
-        self.b_module = modules[cand.b]
-        self.before = before
-        self.before_ids = {id(modules[n]) for n in before}
-        self.prefix = set(prefix)
-        parts = {n: modules[n] for n in [*before, cand.b]}
-        self.params = [p for m in parts.values() for p in m.parameters()]
-        self.modal = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top) if _mode_matters(m)]
-        self.view = _PrefixView(parts, cand.b, party)
-        self.cache = _LevelCache(self.view, party.config, self, party)
-        self.proven = False
-
-    def unsafe(self) -> str | None:
-        for p in self.params:
-            if p.requires_grad:
-                return "a parameter of the prefix is trainable"
-        for n, m in self.modal:
-            if m.training:
-                return f"{n} is in training mode"
-        return None
-
-    def entries(self) -> set[bytes]:
-        c = self.cache
-        keys = set(c.memory.index) if c.memory is not None else set()
-        if c.disk is not None:
-            keys |= set(c.disk.index)
-        return keys
 
 
 class SkipParty:
@@ -641,7 +392,7 @@ class SkipParty:
             level = self._active
         if level is None:
             return plain
-        if not level.proven and not self._prove(level, args, kwargs, plain):
+        if not level.proven and not prove(self, level, args, kwargs, plain):
             return plain
         with torch.no_grad():
             out = self._lookup(level, args, kwargs)
@@ -723,157 +474,3 @@ class SkipParty:
             self._drop(lower.b)
 
     # ---------------------------------------------------------------- the proof
-
-    def _prove(self, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any],
-               plain: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
-        """Run the batch fully and skipped; refuse the boundary if an output differs."""
-        entry = self._entry
-        assert entry is not None
-        model = self.model
-        readers: list[Any] = []
-        plan = self._plan(*plain, serve=level, track={})
-        try:
-            with _untouched(model):
-                self._stack.append(self._plan(*plain))
-                try:
-                    full = entry(*plain[0], **plain[1])
-                finally:
-                    self._stack.pop()
-            with _untouched(model):
-                plan.out = self._lookup(level, args, kwargs)
-                handles = self._watch(level, plan, readers)
-                self._stack.append(plan)
-                try:
-                    with _Readers(plan, readers):
-                        skipped = entry(*plain[0], **plain[1])
-                finally:
-                    self._stack.pop()
-                    for h in handles:
-                        h.remove()
-            why = _differ(full, skipped, plan, self.config["padding"], *plain)
-        except _Stop:
-            raise
-        except Exception as e:  # the skipped forward failed
-            why = f"the skipped forward failed ({type(e).__name__}: {e})"
-        if why is None:
-            level.proven = True
-            return True
-        key = reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
-                        "training goes on without skipping")
-        if readers:
-            producer = plan.track.get(readers[1], "a prefix module") if plan.track is not None else "?"
-            key = f"{readers[0]} reads {producer}"
-            reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
-                      "boundary does not carry (a connection around it); training goes on without skipping")
-        self._refused[level.b] = reason
-        self._active, self._reason = None, reason
-        if key not in self._warned:
-            self._warned.add(key)
-            self._note(reason)
-        return False
-
-    def _watch(self, level: _Level, plan: _Plan, readers: list[Any]) -> list[Any]:
-        """Pre-hooks on modules outside the prefix: the first to receive a placeholder."""
-        track = plan.track
-        assert track is not None
-        handles = []
-        for name, m in self.model.named_modules():
-            if name in level.prefix:
-                continue
-
-            def look(mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
-                if plan.served and not readers:
-                    hit = next((id(x) for x in _leaves(args, kwargs) if id(x) in track), None)
-                    if hit is not None:
-                        readers.extend([name, hit])
-
-            handles.append(m.register_forward_pre_hook(look, with_kwargs=True))
-        return handles
-
-
-@contextlib.contextmanager
-def _untouched(model: nn.Module) -> Iterator[None]:
-    """Run extra forwards that leave no trace: no grad, the random state as it
-    was before, buffers of modules in training mode (running statistics) restored."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    kept = [(b, b.clone()) for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for b, v in kept:
-                if not torch.equal(b, v):
-                    b.copy_(v)
-
-
-class _Readers(TorchFunctionMode):
-    """During the proof: the first torch function that reads a placeholder after
-    the boundary was served (``readers`` gets its name and the placeholder's id)."""
-
-    def __init__(self, plan: _Plan, readers: list[Any]) -> None:
-        super().__init__()
-        self.plan = plan
-        self.readers = readers
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        track = self.plan.track
-        if self.plan.served and not self.readers and track:
-            hit = next((id(x) for x in _leaves(args, kwargs) if id(x) in track), None)
-            if hit is not None:
-                self.readers.extend([getattr(func, "__name__", str(func)), hit])
-        return func(*args, **kwargs)
-
-
-def _leaves(args: Any, kwargs: Any) -> list[Any]:
-    leaves: list[Any] = []
-    _flatten((args, kwargs), leaves)
-    return leaves
-
-
-def _dims(args: Any, kwargs: Any, padding: str | None) -> tuple[int, int | None]:
-    """The batch size and padded length of a call (length: the ``padding`` mask's,
-    else dimension 1 of the first tensor with two or more)."""
-    leaves: list[Any] = []
-    names: list[str | None] = []
-    _flatten((tuple(args), dict(kwargs)), leaves, names)
-    tensors = [(x, n) for x, n in zip(leaves, names, strict=True) if isinstance(x, torch.Tensor) and x.dim() >= 1]
-    if not tensors:
-        return 0, None
-    batch = tensors[0][0].shape[0]
-    mask = next((x for x, n in tensors if n == padding and x.dim() == 2), None)
-    if mask is None:
-        mask = next((x for x, _ in tensors if x.dim() >= 2), None)
-    return batch, None if mask is None else mask.shape[1]
-
-
-def _differ(full: Any, skipped: Any, plan: _Plan, padding: str | None, args: Any, kwargs: Any) -> str | None:
-    """Why the skipped forward's output is not the full one's, or None."""
-    a: list[Any] = []
-    b: list[Any] = []
-    names: list[str | None] = []
-    if _flatten(full, a, names) != _flatten(skipped, b):
-        return "the output's structure differs"
-    real = None
-    leaves: list[Any] = []
-    lnames: list[str | None] = []
-    _flatten((tuple(args), dict(kwargs)), leaves, lnames)
-    mask = next((x for x, n in zip(leaves, lnames, strict=True)
-                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
-    if mask is not None:
-        real = mask != 0
-    for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        what = f"output {names[i] or i}"
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if plan.track is not None and id(y) in plan.track:
-                return f"{what} is the output of {plan.track[id(y)]}"
-            if (real is not None and x.dim() >= 2 and x.shape[:2] == real.shape and y.shape == x.shape):
-                m = real.to(x.device)
-                x, y = x[m], y[m]
-            if not _close(x.detach(), y.detach()):
-                return f"{what} differs"
-        elif isinstance(x, _CONST_TYPES) and x != y:
-            return f"{what} differs"
-    return None
-
