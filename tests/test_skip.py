@@ -152,9 +152,17 @@ def test_boundary_down_recomputes_and_agrees(xy):
     x, y = xy
     sched = lf.Schedule().gradual_unfreeze(groups(), start_epoch=1, mode="eval")
     seen = []
-    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 4,
-                       each_epoch=lambda e, f: seen.append(f.skip_stats().groups))
-    assert seen == [4, 3, 2, 1]
+    ran = []
+
+    def each(epoch, fz):
+        seen.append((fz.skip_stats().module, list(fz.skip._levels)))
+        ran.append(counts(net)[0])
+
+    train_pair(net, sched, lambda e: batches(x, y, 8, e), 4, each_epoch=each)
+    # each epoch one group less is frozen: what was stored above the new boundary is gone
+    assert seen == [("6", ["6"]), ("4", ["4"]), ("2", ["2"]), ("0", ["0"])]
+    # and every sample's new boundary output was recomputed from the input (the first group ran for each)
+    assert all(b - a >= 24 for a, b in zip(ran, ran[1:], strict=False))
 
 
 def test_adaptive_freeze_drives_it(xy):

@@ -78,6 +78,7 @@ class SkipParty:
         self._entry: nn.Module | None = None
         self._handles: list[Any] = []
         self._trace_handles: list[Any] = []
+        self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
         self._arm()
 
@@ -216,6 +217,7 @@ class SkipParty:
         self._trace_handles.clear()
         module, dims = entry
         self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
+        self._name_of = {id(m): n for n, m in reversed(list(self.model.named_modules()))}
         self._positional = _positional_names(type(module))
         if module is not self.model:
             self._watch_entry(module)
@@ -444,7 +446,7 @@ class SkipParty:
         return out
 
     def _placeholder(self, m: nn.Module, plan: _Plan) -> Any:
-        name = next(n for n, x in self.model.named_modules() if x is m)
+        name = self._name_of[id(m)]
         spec, leaves = self._outs[name]
         tb, tl = self._trace_dims
         made = []
