@@ -217,6 +217,31 @@ def test_norm_mode_with_dropout_is_not_skipped_and_says_why(xy):
     assert not st.skipping and "mode='eval'" in st.reason and st.hits == 0
 
 
+def test_a_hook_on_a_prefix_module_is_not_skipped_and_says_why(xy):
+    net = stack()
+    x, _ = xy
+    seen = []
+    net[2].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    with pytest.warns(UserWarning, match="2 has hooks"):
+        net(x)
+    net(x)
+    assert seen == [len(x)] * 3  # the hook ran on every forward (and the first one's order-learning pass)
+    st = fz.skip_stats()
+    assert not st.skipping and "remove them" in st.reason
+
+
+def test_a_copy_made_before_the_first_forward_runs_plainly(xy):
+    net = stack()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin(x), net(x))
+    assert fz.skip_stats().skipping
+
+
 def test_weight_edit_below_the_boundary_is_never_served_stale(xy):
     torch.manual_seed(0)
     net = stack()

@@ -165,7 +165,7 @@ class SkipParty:
         # both take their kwargs as optional: a hook removed while a call runs is
         # still called for that call, without them
         def pre(m: nn.Module, args: Any, kwargs: Any = None) -> None:
-            if done:
+            if done or id(m) not in names:  # a copy of the model made before its first forward
                 return
             if not stack and not entry:
                 entry.append((m, _dims(args, kwargs or {}, padding)))
@@ -174,7 +174,7 @@ class SkipParty:
                 calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
 
         def post(m: nn.Module, args: Any, *rest: Any) -> None:
-            if done or not stack:
+            if done or not stack or id(m) not in names:
                 return
             out = rest[-1]
             c = calls[stack.pop()]
