@@ -300,7 +300,7 @@ class SkipParty:
         self._dirty = False
         first = self._first_calls()
         best, reason = None, "no group of the schedule is frozen"
-        frozen = [c for c in self._candidates() if not self._eligible_params(c)]
+        frozen = [c for c in self._candidates() if not self._trainable(c)]
         frozen.sort(key=lambda c: self._calls[first[c.b]].end, reverse=True)
         for i, c in enumerate(frozen):
             why = self._eligible(c)
@@ -335,7 +335,7 @@ class SkipParty:
             self._wrap([*before, best.b])
         self._active, self._reason = self._levels[best.b], None
 
-    def _eligible_params(self, cand: _Candidate) -> bool:
+    def _trainable(self, cand: _Candidate) -> bool:
         """Whether some parameter of the candidate's groups is trainable."""
         index = ModelIndex(self.model)
         return any(index.by_canonical[n].requires_grad for n in cand.params)
