@@ -43,6 +43,16 @@ class SkipStats:
         bytes_held: bytes of stored outputs in memory.
         bytes_on_disk: bytes of stored outputs on disk.
         entries: samples stored at the boundary.
+
+    Example:
+        >>> import warnings, torch, torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 4), nn.Linear(4, 1))
+        >>> fz = lf.Freezer(net, schedule=lf.Schedule().freeze(["[0]", "[2]"]), cache=True)  # mode="norm"
+        >>> _ = fz.set_epoch(0)
+        >>> with warnings.catch_warnings(record=True):
+        ...     _ = net(torch.randn(4, 3))
+        >>> st = fz.skip_stats(); (st.module, st.skipping, st.reason.split(" is in")[0])
+        ('2', False, '1 (Dropout)')
     """
 
     boundary: str | None

@@ -316,7 +316,7 @@ class SkipParty:
         for b in list(self._levels):
             if best is None or end(b) > end(best.b):
                 self._drop(b)
-        self._cand = best
+        self._cand = best if best is not None else (frozen[0] if frozen else None)  # what stands in the way
         if best is None:
             self._active, self._reason = None, reason
             if frozen:
