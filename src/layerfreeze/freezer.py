@@ -100,7 +100,9 @@ class Freezer:
             its keyword arguments (``{"store": "disk", "path": ...}``,
             ``max_bytes``, ``padding``, ``pad_value``, ``key``, ``dtype``).
             With ``key="name"`` the ids are taken out of the model's call.
-            Default None: off.
+            In a padded batch the boundary's output is zero at padded
+            positions (as with :func:`layerfreeze.cache`): outputs at real
+            positions are the full forward's. Default None: off.
 
     ``optimizer`` may be a wrapper that exposes the wrapped optimizer's own
     ``param_groups`` as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``),
