@@ -146,6 +146,25 @@ def test_boundary_up_runs_only_the_new_group_once_per_sample(xy):
     assert grew[:2] == [0, 0]
 
 
+def test_a_batch_mixing_levels_runs_the_new_group_only_for_stored_samples(xy):
+    torch.manual_seed(0)
+    net = stack()
+    ref = copy.deepcopy(net)
+    x, _ = xy
+    sched = lf.Schedule().freeze("[0]", mode="eval").freeze("[2]", from_epoch=1, mode="eval")
+    fz = lf.Freezer(net, schedule=sched, cache=True)
+    fz.set_epoch(0)
+    net(x[:12])
+    fz.set_epoch(1)
+    net(x[:4])  # proves the new boundary
+    before = counts(net)
+    mixed = torch.cat([x[4:12], x[12:20]])  # 8 samples stored below the boundary, 8 never seen
+    torch.testing.assert_close(net(mixed), ref(mixed), atol=1e-6, rtol=1e-5)
+    grew = [a - b for a, b in zip(counts(net), before, strict=True)]
+    assert grew[:3] == [8, 16, 16]  # the first group only for the unseen samples; the layers above for all
+    assert fz.skip_stats().module == "2"
+
+
 def test_boundary_down_recomputes_and_agrees(xy):
     torch.manual_seed(0)
     net = stack()
