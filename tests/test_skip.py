@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerfreeze as lf
+from layerfreeze.skip.proof import PROOF_ROWS
 
 
 class Tally:
@@ -132,11 +133,11 @@ def test_boundary_up_runs_only_the_new_group_once_per_sample(xy):
         net(bx)
     grew = [a - b for a, b in zip(counts(net), before, strict=True)]
     assert fz.skip_stats().module == "2"
-    # group [0]: only the proof's full forward of one batch (8 samples);
-    # group [2]: each of the 24 samples once from its stored input, plus that
-    # batch in the proof and two samples of the first check
-    assert grew[0] == 8
-    assert grew[1] == 24 + 8 + 2
+    # group [0]: only the proof's full forward of the first rows of one batch;
+    # group [2]: each of the 24 samples once from its stored input, plus those
+    # rows in the proof and two samples of the first check
+    assert grew[0] == PROOF_ROWS
+    assert grew[1] == 24 + PROOF_ROWS + 2
     # the level below was dropped once every sample was stored above it
     assert list(fz.skip._levels) == ["2"]
     before = counts(net)
@@ -355,4 +356,5 @@ def test_key_ids_hit_and_never_reach_the_model(xy):
     again = net(x.flip(0), ids=ids.flip(0))
     assert counts(net.body)[:2] == before[:2]
     torch.testing.assert_close(again, out.flip(0))
-    assert fz.skip_stats().hits == 2 * len(x)
+    # hits: the proof's rows found again by the first forward, then every sample
+    assert fz.skip_stats().hits == PROOF_ROWS + len(x)

@@ -18,7 +18,8 @@ How it decides and stays correct:
   trainable parameter, no module in training mode where that matters (dropout,
   batch statistics, a class whose ``forward`` reads ``self.training``) and no
   hooks. Otherwise nothing is skipped and :class:`SkipStats` says why.
-* **The proof.** Before the first skip at a new boundary, one batch runs both
+* **The proof.** Before the first skip at a new boundary, the first samples of a batch
+  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`) run both
   ways (the full forward and the skipped one, from the same random state, with
   buffers restored after) and every output tensor is compared (real positions
   only, in a padded batch). A model that reads a prefix output the boundary does
