@@ -9,10 +9,13 @@ this paragraph; ``docstring_dataset`` imported from the demo), 80% train / 20%
 test, truncated to ``--seq`` tokens. Batches are padded to their longest
 sample and reshuffled every epoch (the same batches for every mode).
 
-The groups are the six ``encoder.encoder.layer`` blocks, bottom first. The
-embeddings are frozen (eval mode) from the start in every freezing mode and in
-the floor: they are the part of the prefix that no rule moves. Full fine-tuning
-trains them.
+The groups are the six ``encoder.encoder.layer`` blocks, bottom first, with the
+embeddings in layer 0's group: they train until layer 0 freezes and freeze with
+it, in every freezing mode and in the floor, so the first epoch of every mode
+trains the whole model, as full fine-tuning does throughout
+(``--embeddings from-start`` freezes them from the start instead, by a rule of
+their own: the freezing modes then never pay their update, which full
+fine-tuning does).
 
 Modes, each with its own copy of the model (same initial weights, same
 optimizer: AdamW, encoder lr 5e-5, head lr 2e-3):
@@ -101,6 +104,7 @@ class Size:
     seq: int  # tokens per sample at most
     batch: int
     epochs: int
+    embeddings: str = "with-layer-0"  # or "from-start"
 
 
 # 455 paragraphs (364 train): 12 steps an epoch at batch 32, 31 tokens on average,
@@ -169,12 +173,24 @@ def epoch_batches(data: Data, batch: int, epoch: int) -> list[dict[str, torch.Te
 # --------------------------------------------------------------------------- modes
 
 
-def schedule(kind: str, epochs: int, check_every: int) -> lf.Schedule:
-    """The embeddings frozen throughout, then the six layers by ``progressive_freeze`` or ``adaptive_freeze``."""
-    s = lf.Schedule().freeze(EMBEDDINGS, mode="eval")
+def schedule(kind: str, epochs: int, check_every: int, embeddings: str) -> lf.Schedule:
+    """The six layers by ``progressive_freeze`` or ``adaptive_freeze``, the embeddings in layer 0's group
+    (``embeddings="with-layer-0"``) or frozen throughout by a rule of their own (``"from-start"``)."""
+    if embeddings == "with-layer-0":
+        s = lf.Schedule()
+        groups: object = [[EMBEDDINGS, f"{LAYERS}.0"], *(f"{LAYERS}.{i}" for i in range(1, 6))]
+    else:
+        s = lf.Schedule().freeze(EMBEDDINGS, mode="eval")
+        groups = LAYERS
     if kind == "progressive":
-        return s.progressive_freeze(LAYERS, start=START, end=END, total_epochs=epochs, mode="eval")
-    return s.adaptive_freeze(LAYERS, check_every=check_every, percentile=50, min_trainable=1, mode="eval")
+        return s.progressive_freeze(groups, start=START, end=END, total_epochs=epochs, mode="eval")
+    return s.adaptive_freeze(groups, check_every=check_every, percentile=50, min_trainable=1, mode="eval")
+
+
+def boundary(k: int, embeddings: str) -> int:
+    """How many of the encoder's modules (embeddings, layer 0, ..., layer 5) lie below the boundary when
+    ``k`` layers are frozen."""
+    return 0 if k == 0 and embeddings == "with-layer-0" else k + 1
 
 
 def frozen_layers(model: nn.Module) -> int:
@@ -245,21 +261,22 @@ class Run:
         kind = CACHED.get(mode, mode)
         if kind in ("progressive", "adaptive"):
             extra = {"cache": "memory"} if mode in CACHED else {}
-            self.freezer = lf.Freezer(self.model, self.opt, schedule(kind, size.epochs, check_every), **extra)
-        self.plan = schedule("progressive", size.epochs, check_every)
-        # the floor: boundary outputs of every training sample, unpadded, end to end, plus one zero row
-        self.k: int | None = None  # layers below the floor's boundary (None: nothing stored yet)
+            plan = schedule(kind, size.epochs, check_every, size.embeddings)
+            self.freezer = lf.Freezer(self.model, self.opt, plan, **extra)
+        self.plan = schedule("progressive", size.epochs, check_every, size.embeddings)
+        # the floor: the encoder as a chain of modules, of which the bottom ``b`` are frozen; the
+        # boundary's outputs of every training sample, unpadded, end to end, plus one zero row
+        self.chain: list[nn.Module] = [enc.embeddings, *enc.encoder.layer]
+        self.k = 0  # layers frozen
+        self.b: int | None = None  # modules below the boundary (None: before the first epoch)
         self.flat: torch.Tensor | None = None
-        self.old: tuple[int | None, torch.Tensor | None] = (None, None)  # the previous boundary during a move
+        self.old: tuple[int, torch.Tensor | None] = (0, None)  # the previous boundary during a move
         self.moving = False
         lengths = torch.zeros(len(data.ids), dtype=torch.long)
         lengths[data.train] = torch.tensor([len(data.ids[i]) for i in data.train.tolist()])
         self.lengths = lengths.to(device)
         self.starts = (torch.cumsum(lengths, 0) - lengths).to(device)
         self.tokens = int(lengths.sum())
-        if mode == "floor":
-            enc.requires_grad_(False)
-            enc.eval()
         self.epoch_s: list[float] = []
         self.set_epoch_s: list[float] = []
         self.build_fwd_s: list[float] = []  # floor: the no-grad forward of the newly frozen layers
@@ -289,33 +306,28 @@ class Run:
         sync(self.device)
         self._epoch = time.perf_counter() - t
         self.set_epoch_s.append(self._epoch)
-        self.frozen_at_start.append(self.floor_k() if self.mode == "floor" else frozen_layers(self.model))
-
-    def floor_k(self) -> int:
-        return self.k or 0
+        self.frozen_at_start.append(self.k if self.mode == "floor" else frozen_layers(self.model))
 
     def begin_phase(self, epoch: int) -> None:
         """The floor: the plan's frozen layers this epoch; a move keeps the old rows while the epoch builds new ones."""
-        enc = self.model.encoder
         k = plan_layers(self.model, self.plan, epoch)
-        self.moving = k != self.k or self.flat is None
+        b = boundary(k, self.size.embeddings)
+        self.moving = b != self.b and b > 0
+        if self.b is not None and b < self.b:
+            raise RuntimeError("the progressive plan only moves the boundary up")
         if self.moving:
-            if self.k is not None and k < self.k:
-                raise RuntimeError("the progressive plan only moves the boundary up")
-            self.old = (self.k, self.flat)
-            self.k = k
-            self.flat = torch.zeros(self.tokens + 1, int(enc.config.hidden_size), device=self.device)
-        enc.embeddings.eval()
-        for i, layer in enumerate(enc.encoder.layer):
-            layer.requires_grad_(i >= k)
-            layer.train(i >= k)
+            self.old = (self.b or 0, self.flat)
+            self.flat = torch.zeros(self.tokens + 1, int(self.model.encoder.config.hidden_size), device=self.device)
+        self.k, self.b = k, b
+        for i, module in enumerate(self.chain):
+            module.requires_grad_(i >= b)
+            module.train(i >= b)
 
     def build(self, b: dict[str, torch.Tensor]) -> None:
         """The floor's boundary move for one batch: the new boundary's rows from the old ones (or from the
-        input, the first time) through the newly frozen layers only, no grad; stored unpadded."""
-        enc = self.model.encoder
-        old_k, old_flat = self.old
-        assert self.flat is not None and self.k is not None
+        input, the first time) through the newly frozen modules only, no grad; stored unpadded."""
+        old_b, old_flat = self.old
+        assert self.flat is not None and self.b is not None
         ids, mask = b["input_ids"], b["attention_mask"]
         sync(self.device)
         t0 = time.perf_counter()
@@ -323,9 +335,7 @@ class Run:
             h = None if old_flat is None else self.gather(old_flat, b["idx"], ids.shape[1])
             sync(self.device)
             t1 = time.perf_counter()
-            if h is None:
-                h = enc.embeddings(input_ids=ids)
-            h = self.top(h, mask, range(old_k or 0, self.k))
+            h = self.run_chain(ids if h is None else h, mask, old_b, self.b)
             sync(self.device)
             t2 = time.perf_counter()
             self.scatter(self.flat, b["idx"], h, mask)
@@ -348,14 +358,15 @@ class Run:
         real = mask.bool()
         flat[index[real]] = h[real]
 
-    def top(self, h: torch.Tensor, mask: torch.Tensor, layers: range) -> torch.Tensor:
-        """Run ``layers`` of the encoder on boundary outputs ``h``."""
+    def run_chain(self, x: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Run modules ``lo..hi-1`` of the chain: from token ids when ``lo`` is 0, else from the outputs
+        of module ``lo-1``."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        enc = self.model.encoder
-        ext = create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=mask)
-        for i in layers:
-            h = enc.encoder.layer[i](h, ext)
+        h = self.chain[0](input_ids=x) if lo == 0 else x
+        ext = create_bidirectional_mask(config=self.model.encoder.config, inputs_embeds=h, attention_mask=mask)
+        for module in self.chain[max(lo, 1):hi]:
+            h = module(h, ext)
         return h
 
     def step(self) -> float:
@@ -367,11 +378,11 @@ class Run:
             self.build(b)
         sync(self.device)
         t = time.perf_counter()
-        if self.mode == "floor":
-            assert self.flat is not None and self.k is not None
-            h = self.top(self.gather(self.flat, b["idx"], ids.shape[1]), mask, range(self.k, 6))
+        if self.mode == "floor" and self.b:
+            assert self.flat is not None
+            h = self.run_chain(self.gather(self.flat, b["idx"], ids.shape[1]), mask, self.b, len(self.chain))
             logits = self.model.head(h, mask)
-        else:
+        else:  # the floor with nothing frozen is the whole model
             logits = self.model(ids, mask)
         loss = nn.functional.cross_entropy(logits, b["labels"])
         loss.backward()
@@ -381,7 +392,7 @@ class Run:
         seconds = time.perf_counter() - t
         self._epoch += seconds
         self._losses.append(loss.detach())
-        self._frozen.append(self.floor_k() if self.mode == "floor" else frozen_layers(self.model))
+        self._frozen.append(self.k if self.mode == "floor" else frozen_layers(self.model))
         self.rng = rng_state(self.device)
         return seconds
 
@@ -394,7 +405,7 @@ class Run:
         self.losses.append(torch.stack(self._losses).tolist())
         self.frozen_per_step.append(self._frozen)
         self.stats.append(skip_stats(self.freezer) if self.mode in CACHED else None)
-        self.old = (None, None)
+        self.old = (0, None)
         self.moving = False
 
     def follow(self, other: Run) -> None:
@@ -417,19 +428,21 @@ class Run:
     def check_floor(self) -> dict[str, Any]:
         """The floor's stored rows at real tokens against the encoder's own forward (``hidden_states[k]``)
         for every training sample: the hand-made boundary outputs are the model's."""
-        assert self.flat is not None and self.k is not None
+        if not self.b:
+            return {"samples": 0, "note": "nothing frozen: no stored rows", "pass": True}
+        assert self.flat is not None
         enc = self.model.encoder.eval()
         worst, ok = 0.0, True
         for idx in self.data.train.split(self.size.batch):
             b = collate(self.data, idx)
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
-            want = enc(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[self.k]
+            want = enc(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[self.b - 1]
             got = self.gather(self.flat, idx.to(self.device), ids.shape[1])
             real = mask.bool()
             g, w = got[real].double(), want[real].double()
             worst = max(worst, (g - w).abs().max().item())
             ok &= bool(((g - w).abs() <= FEATURE_ATOL + FEATURE_RTOL * w.abs()).all())
-        return {"samples": len(self.data.train), "frozen_layers": self.k, "max_abs_diff": worst,
+        return {"samples": len(self.data.train), "frozen_layers": self.k, "modules_below_boundary": self.b, "max_abs_diff": worst,
                 "rtol": FEATURE_RTOL, "atol": FEATURE_ATOL, "pass": ok}
 
     @torch.no_grad()
@@ -534,7 +547,7 @@ def estimate_s(minilm: nn.Module, data: Data, size: Size, modes: tuple[str, ...]
         sync(device)
     fwd = time.perf_counter() - t
     steps = math.ceil(len(data.train) / size.batch)
-    plan = schedule("progressive", size.epochs, 1)
+    plan = schedule("progressive", size.epochs, 1, size.embeddings)
     model = Classifier(enc, data.classes)
     ks = [plan_layers(model, plan, e) for e in range(size.epochs)]
     total = 0.0
@@ -623,13 +636,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--per-module", type=int, default=None, help=f"paragraphs per module (default {FULL.per_module})")
     p.add_argument("--seq", type=int, default=None, help=f"tokens per sample at most (default {FULL.seq})")
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {FULL.batch})")
+    p.add_argument("--embeddings", choices=("with-layer-0", "from-start"), default=None,
+                   help="the embeddings freeze with layer 0's group (default) or are frozen from the start")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
     p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
-    size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("per_module", "seq", "batch", "epochs")
+    size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("per_module", "seq", "batch", "epochs", "embeddings")
                                        if getattr(args, k) is not None}})
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
@@ -764,9 +779,14 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
             "tokens_per_sample": [min(lengths), max(lengths), statistics.mean(lengths)],
             "model": "all-MiniLM-L6-v2 (BertModel, no pooler) + layerfreeze.demos.encoder Head (masked mean, MLP)",
             "task": "layerfreeze.demos.encoder.docstring_dataset: 8 stdlib modules' docstring paragraphs",
-            "groups": f"{LAYERS} (6 layers, bottom first)",
-            "embeddings": ("frozen (eval mode) from the start in every freezing mode and in the floor "
-                           "(a freeze rule without bounds); full fine-tuning trains them"),
+            "groups": (f"the 6 layers of {LAYERS}, bottom first, {EMBEDDINGS} in layer 0's group"
+                       if size.embeddings == "with-layer-0" else f"the 6 layers of {LAYERS}, bottom first"),
+            "embeddings": ("in layer 0's group: they train until layer 0 freezes and freeze with it, in every "
+                           "freezing mode and in the floor; full fine-tuning trains them throughout"
+                           if size.embeddings == "with-layer-0" else
+                           "frozen (eval mode) from the start in every freezing mode and in the floor (a freeze "
+                           "rule without bounds), so those modes never pay their update; full fine-tuning "
+                           "trains them throughout"),
             "progressive": f"progressive_freeze(start={START}, end={END}, total_epochs={size.epochs}, mode='eval')",
             "adaptive": f"adaptive_freeze(check_every={check_every}, percentile=50, min_trainable=1, mode='eval')",
             "cache": "Freezer(..., cache='memory')",
