@@ -231,6 +231,20 @@ def skip_stats(freezer: Any) -> dict[str, Any] | None:
     return dict(s) if isinstance(s, dict) else {k: v for k, v in vars(s).items() if not k.startswith("_")}
 
 
+def per_epoch(stats: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Hits and misses within each epoch (the Freezer counts from the start), with the boundary at its end."""
+    out, hits, misses = [], 0, 0
+    for s in stats:
+        if s is None:
+            out.append({})
+            continue
+        h, m = int(s.get("hits", 0)), int(s.get("misses", 0))
+        out.append({"hits": h - hits, "misses": m - misses, "groups": s.get("groups"),
+                    "skipping": s.get("skipping"), "reason": s.get("reason")})
+        hits, misses = h, m
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -721,6 +735,12 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
         print(f"epoch {epoch + 1}/{size.epochs}: "
               + ", ".join(f"{m} {runs[m].epoch_s[-1]:.1f}s (k={runs[m].frozen_at_start[-1]})" for m in order),
               flush=True)
+        for m in order:
+            if m in CACHED:
+                s = per_epoch(runs[m].stats)[-1]
+                print(f"  {m}: {s.get('hits')} hits, {s.get('misses')} misses, "
+                      f"{s.get('groups')} groups stored" + (f" ({s['reason']})" if s.get("reason") else ""),
+                      flush=True)
 
     correctness: dict[str, Any] = {}
     if "floor" in runs:  # before the accuracy pass: that runs the floor's model in eval mode
@@ -811,6 +831,7 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
         "floor_build": {"new_layers_forward_s": runs["floor"].build_fwd_s,
                         "gather_store_s": runs["floor"].build_io_s} if "floor" in runs else None,
         "skip_stats_per_epoch": {m: runs[m].stats for m in modes if m in CACHED},
+        "skip_hits_misses_per_epoch": {m: per_epoch(runs[m].stats) for m in modes if m in CACHED},
         "ratios": ratios,
         "phases": ph,
         "losses": {m: runs[m].losses for m in modes},
