@@ -30,10 +30,11 @@ optimizer: AdamW, encoder lr 5e-5, head lr 2e-3):
 * ``floor``: hand-written, following the progressive plan: in each phase (k of
   6 layers frozen) the trainable top (layers k..5 and the head) trains on the
   boundary outputs, kept unpadded in one flat tensor and gathered padded per
-  batch with one index. When the plan moves the boundary, the floor computes
-  the new boundary's rows once per sample, batch by batch in that epoch, from
-  the stored rows through the newly frozen layers only (a no-grad forward,
-  timed on its own: the reference for what a boundary move may cost).
+  batch with one index (with nothing frozen it is the whole model). When the
+  plan moves the boundary, the floor computes the new boundary's rows once per
+  sample, batch by batch in that epoch, from the stored rows (or the input, the
+  first time) through the newly frozen modules only: a no-grad forward, timed
+  on its own, the reference for what a boundary move may cost.
 
 Timing: one process; the modes take turns step by step with the order rotated
 every step, so bursts of load from other processes hit all modes alike; each
@@ -41,8 +42,21 @@ mode keeps its own random stream, so modes with the same weights draw the same
 dropout masks. Each step is timed from its (already collated) batch to the end
 of the optimizer step; ``Freezer.set_epoch`` is timed and counted in its epoch.
 
-Loss check (exit status 1 when it fails): ``progressive`` and
-``progressive_cached`` must have the same loss at every step within 1e-4.
+Reported: each mode's epoch times, whole run (the sum of its epochs) and test
+accuracy; whole-run ratios (progressive_cached / progressive, / full, ...);
+per epoch of the progressive plan, ``progressive_cached``'s epoch / the floor's
+epoch (its build included: the same work), by phase (k layers frozen; the
+median over the phase's epochs), and for every epoch that moves the boundary
+up, (cached epoch - the floor's epoch without its build) / the floor's no-grad
+forward of the newly frozen modules over the same samples in the same batches
+(any overhead of the cached mode in that epoch is charged to the move); the
+Freezer's hits and misses per epoch; the adaptive modes' frozen layers at
+every step.
+
+Checks (exit status 1 when one fails): the floor's stored rows equal the
+encoder's own ``hidden_states`` for every training sample (within 1e-4), and
+ ``progressive`` and
+``progressive_cached`` have the same loss at every step within 1e-4.
 After every step (outside the timing) ``progressive`` takes
 ``progressive_cached``'s trainable weights and optimizer state, so both start
 each step from the same weights and their losses differ only by the boundary
@@ -107,12 +121,15 @@ class Size:
     embeddings: str = "with-layer-0"  # or "from-start"
 
 
-# 455 paragraphs (364 train): 12 steps an epoch at batch 32, 31 tokens on average,
-# 64 at most (almost every batch pads to 64). One full fine-tuning step took
-# about 1.1 s on two quiet cores; the run (six modes, eight epochs, interleaved)
-# is about 24 full-epoch equivalents: about 6-8 minutes there. The script prints
-# its own estimate from a timed forward before it starts.
-FULL = Size(per_module=60, seq=64, batch=32, epochs=8)
+# 455 paragraphs (364 train, 91 test): 12 steps an epoch at batch 32. Cut at 48
+# tokens (23% of the paragraphs are longer; 28 tokens on average), nearly every
+# batch pads to 48: the run's cost is about 24 epochs of full fine-tuning. One
+# full fine-tuning step on 32 x 64 tokens took 3.3 s on one thread of a 2-core
+# machine with another busy process; at 48 tokens on two quiet threads that
+# should come to well under half, so the run should take under 10 minutes there.
+# The script prints its own forecast from one timed step before it starts, and
+# the JSON records the wall time.
+FULL = Size(per_module=60, seq=48, batch=32, epochs=8)
 QUICK = Size(per_module=4, seq=24, batch=8, epochs=4)
 
 
@@ -218,30 +235,19 @@ def cache_supported() -> bool:
     return "cache" in inspect.signature(lf.Freezer).parameters
 
 
-def skip_stats(freezer: Any) -> dict[str, Any] | None:
-    """The Freezer's skip statistics as a dict (None when it has none)."""
-    fn = getattr(freezer, "skip_stats", None)
-    if fn is None:
-        return None
-    s = fn() if callable(fn) else fn
-    if dataclasses.is_dataclass(s) and not isinstance(s, type):
-        return dataclasses.asdict(s)
-    if hasattr(s, "_asdict"):
-        return dict(s._asdict())
-    return dict(s) if isinstance(s, dict) else {k: v for k, v in vars(s).items() if not k.startswith("_")}
+def skip_stats(freezer: Any) -> dict[str, Any]:
+    """``Freezer.skip_stats()`` as a dict."""
+    return dataclasses.asdict(freezer.skip_stats())
 
 
 def per_epoch(stats: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """Hits and misses within each epoch (the Freezer counts from the start), with the boundary at its end."""
     out, hits, misses = [], 0, 0
     for s in stats:
-        if s is None:
-            out.append({})
-            continue
-        h, m = int(s.get("hits", 0)), int(s.get("misses", 0))
-        out.append({"hits": h - hits, "misses": m - misses, "groups": s.get("groups"),
-                    "skipping": s.get("skipping"), "reason": s.get("reason")})
-        hits, misses = h, m
+        assert s is not None
+        out.append({"hits": s["hits"] - hits, "misses": s["misses"] - misses, "groups": s["groups"],
+                     "boundary": s["boundary"], "skipping": s["skipping"], "reason": s["reason"]})
+        hits, misses = s["hits"], s["misses"]
     return out
 
 
@@ -520,8 +526,7 @@ def phases(runs: dict[str, Run], cached: str) -> dict[str, Any]:
     for k in sorted({r["frozen_layers"] for r in rows}):
         by_phase[k] = statistics.median(r["over_floor"] for r in rows if r["frozen_layers"] == k)
     moves = [r["move_over_forward"] for r in rows if "move_over_forward" in r]
-    return {"epochs": rows, "over_floor_by_phase": by_phase, "move_over_forward": moves,
-            "same_plan_as_floor": all(r["frozen_layers"] == r["cached_frozen_layers"] for r in rows)}
+    return {"epochs": rows, "over_floor_by_phase": by_phase, "move_over_forward": moves}
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -549,26 +554,40 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def estimate_s(minilm: nn.Module, data: Data, size: Size, modes: tuple[str, ...], device: torch.device) -> float:
-    """A rough forecast of the run: one timed no-grad forward of the whole encoder on a typical batch, a
-    training step taken as three forwards of what trains, the progressive plan for every freezing mode."""
-    enc = copy.deepcopy(minilm).to(device).eval()
-    b = epoch_batches(data, size.batch, 0)[0]
-    with torch.no_grad():
-        enc(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))  # warm-up
+    """A rough forecast of the run from one timed training step of full fine-tuning and one timed no-grad
+    forward on the first batch (after a warm-up of each, on a copy): a step with k of 6 layers frozen taken
+    as (6-k)/6 of a training step, plus k/6 of a forward without the cache and in a move; the progressive
+    plan for the adaptive modes too."""
+    torch.manual_seed(0)
+    model = Classifier(copy.deepcopy(minilm), data.classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    b = {k: v.to(device) for k, v in epoch_batches(data, size.batch, 0)[0].items()}
+    times = []
+    for _ in range(2):
         sync(device)
         t = time.perf_counter()
-        enc(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+        nn.functional.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         sync(device)
-    fwd = time.perf_counter() - t
+        times.append(time.perf_counter() - t)
+        with torch.no_grad():
+            sync(device)
+            t = time.perf_counter()
+            model(b["input_ids"], b["attention_mask"])
+            sync(device)
+            times.append(time.perf_counter() - t)
+    train, fwd = times[2], times[3]
     steps = math.ceil(len(data.train) / size.batch)
     plan = schedule("progressive", size.epochs, 1, size.embeddings)
-    model = Classifier(enc, data.classes)
     ks = [plan_layers(model, plan, e) for e in range(size.epochs)]
     total = 0.0
     for m in modes:
-        for k in ks:
-            top = 3 * fwd * (6 - k) / 6
-            total += steps * (3 * fwd if m == "full" else top if m in CACHED or m == "floor" else top + fwd * k / 6)
+        for e, k in enumerate(ks):
+            top = train * (6 - k) / 6
+            moved = k - (ks[e - 1] if e else 0)
+            skips = m in CACHED or m == "floor"
+            total += steps * (train if m == "full" else top + fwd * (moved if skips else k) / 6)
     return total
 
 
@@ -585,6 +604,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(range(1, len(t) + 1), t, marker="o", color=COLORS[m],
                 label=f"{m} (acc {100 * result['accuracy'][m]:.0f}%, {sum(t):.0f}s)")
     ax.set_xlabel("epoch")
+    ax.set_xticks(range(1, result["settings"]["epochs"] + 1))
     ax.set_ylabel("epoch time (s)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"MiniLM + head, docstring task ({result['device_name']})", fontsize=10)
@@ -603,9 +623,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 text += f"\nmove {r['move_over_forward']:.2f}x"
             ax.text(r["epoch"] + 1, r["over_floor"], text, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs)
+        ax.set_yscale("log")
         ax.set_xlabel("epoch (k: layers frozen; move: extra time / no-grad forward of the new layers)")
-        ax.set_ylabel("ratio")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylabel("ratio (log scale)")
+        ax.legend(fontsize=8, loc="upper left")
         ax.set_title("per phase against the hand-made floor", fontsize=10)
     else:
         ax.axis("off")
@@ -719,9 +740,11 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
           f"expected about {forecast / 60:.1f} min", flush=True)
 
     order = list(modes)
+    widths: list[list[int]] = []
     follow = "progressive" in runs and "progressive_cached" in runs
     for epoch in range(size.epochs):
         batches = epoch_batches(data, size.batch, epoch)
+        widths.append([int(b["input_ids"].shape[1]) for b in batches])
         for i in range(len(order)):  # set_epoch in rotated order too
             runs[order[(i + epoch) % len(order)]].start(epoch, batches)
         for step in range(steps):  # modes take turns step by step, the order rotating every step
@@ -738,9 +761,8 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
         for m in order:
             if m in CACHED:
                 s = per_epoch(runs[m].stats)[-1]
-                print(f"  {m}: {s.get('hits')} hits, {s.get('misses')} misses, "
-                      f"{s.get('groups')} groups stored" + (f" ({s['reason']})" if s.get("reason") else ""),
-                      flush=True)
+                print(f"  {m}: {s['hits']} hits, {s['misses']} misses, boundary {s['boundary']}"
+                      + (f" (not skipping: {s['reason']})" if s["reason"] else ""), flush=True)
 
     correctness: dict[str, Any] = {}
     if "floor" in runs:  # before the accuracy pass: that runs the floor's model in eval mode
@@ -762,6 +784,11 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
     }
     ratios = {k: v for k, v in ratios.items() if v is not None}
     ph = {c: phases(runs, c) for c in ("progressive_cached",) if c in runs and "floor" in runs}
+    for m in ("progressive", "progressive_cached"):
+        if m in runs and "floor" in runs:  # the floor and the Freezer read the same plan
+            same = runs[m].frozen_at_start == runs["floor"].frozen_at_start
+            correctness[f"floor_follows_the_plan_of_{m}"] = {
+                "floor": runs["floor"].frozen_at_start, m: runs[m].frozen_at_start, "pass": same}
     if follow:
         correctness["progressive_cached_loss_equals_progressive"] = loss_check(
             runs["progressive_cached"], runs["progressive"])
@@ -797,6 +824,7 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
             "steps_per_epoch": steps,
             "train_samples": len(data.train), "test_samples": n,
             "tokens_per_sample": [min(lengths), max(lengths), statistics.mean(lengths)],
+            "batch_widths": widths,
             "model": "all-MiniLM-L6-v2 (BertModel, no pooler) + layerfreeze.demos.encoder Head (masked mean, MLP)",
             "task": "layerfreeze.demos.encoder.docstring_dataset: 8 stdlib modules' docstring paragraphs",
             "groups": (f"the 6 layers of {LAYERS}, bottom first, {EMBEDDINGS} in layer 0's group"
