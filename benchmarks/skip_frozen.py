@@ -624,6 +624,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.text(r["epoch"] + 1, r["over_floor"], text, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs)
         ax.set_yscale("log")
+        ax.set_ylim(min(0.5, 0.8 * min(r["over_floor"] for r in rows)), None)
         ax.set_xlabel("epoch (k: layers frozen; move: extra time / no-grad forward of the new layers)")
         ax.set_ylabel("ratio (log scale)")
         ax.legend(fontsize=8, loc="upper left")
