@@ -446,8 +446,9 @@ class Run:
 
     @torch.no_grad()
     def check_floor(self) -> dict[str, Any]:
-        """The floor's stored rows at real tokens against the encoder's own forward (``hidden_states[k]``)
-        for every training sample: the hand-made boundary outputs are the model's."""
+        """The floor's stored rows at real tokens against the encoder's own forward (its
+        ``hidden_states`` after the same modules) for every training sample: the hand-made boundary
+        outputs are the model's."""
         if not self.b:
             return {"samples": 0, "note": "nothing frozen: no stored rows", "pass": True}
         assert self.flat is not None
@@ -462,8 +463,8 @@ class Run:
             g, w = got[real].double(), want[real].double()
             worst = max(worst, (g - w).abs().max().item())
             ok &= bool(((g - w).abs() <= FEATURE_ATOL + FEATURE_RTOL * w.abs()).all())
-        return {"samples": len(self.data.train), "frozen_layers": self.k, "modules_below_boundary": self.b, "max_abs_diff": worst,
-                "rtol": FEATURE_RTOL, "atol": FEATURE_ATOL, "pass": ok}
+        return {"samples": len(self.data.train), "frozen_layers": self.k, "modules_below_boundary": self.b,
+                "max_abs_diff": worst, "rtol": FEATURE_RTOL, "atol": FEATURE_ATOL, "pass": ok}
 
     @torch.no_grad()
     def accuracy(self) -> float:
