@@ -842,6 +842,7 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
             "cache": "Freezer(..., cache='memory')",
             "optimizer": f"AdamW, encoder lr {ENCODER_LR}, head lr {HEAD_LR}, default weight decay",
             "padding": "each batch padded to its longest sample, reshuffled every epoch, the same batches for all",
+            "interleaved": True,
             "timing": ("one process; the modes take turns step by step, the order rotated every step (and "
                        "at set_epoch), so they share the load; each step timed from its collated batch to "
                        "the end of the optimizer step; an epoch: set_epoch (the floor: its phase set-up) plus "
