@@ -38,6 +38,7 @@ from .rules import (
 )
 from .schedule import Schedule
 from .selectors import select
+from .skip import SkipStats
 from .timeline import TimelineRow, plot_timeline
 from .warmup import Warmup
 
@@ -84,6 +85,7 @@ __all__ = [
     "unfreeze_batchnorm",
     "layer_decay_groups",
     "select",
+    "SkipStats",
     "subscribe",
     "summary",
     "unfreeze",

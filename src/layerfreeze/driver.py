@@ -41,7 +41,8 @@ class Driver:
     Args:
         schedule: the schedule.
         freezer_kwargs: passed to :class:`~layerfreeze.Freezer` (``guard``,
-            ``release_state``, ``unfreeze_lr``, ...).
+            ``release_state``, ``unfreeze_lr``, ``cache`` to skip the frozen
+            prefix's forward, ...).
 
     Attributes:
         freezer: the Freezer between :meth:`start` and :meth:`stop`.

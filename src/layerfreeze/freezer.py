@@ -10,7 +10,9 @@ checkpoint, is held weakly by what it listens to and can be detached:
   parameters, checked after optimizer steps;
 * :class:`~layerfreeze.distributed.DistributedSync`: DDP's reducer and the
   cross-rank agreement, for a DDP or FSDP2 model;
-* :class:`~layerfreeze.rules.AdaptiveStats`: the adaptive rules' gradient norms.
+* :class:`~layerfreeze.rules.AdaptiveStats`: the adaptive rules' gradient norms;
+* :class:`~layerfreeze.skip.SkipParty`: with ``cache=``, skips the forward of
+  the frozen prefix (see :mod:`layerfreeze.skip`).
 
 The Freezer builds them, maps :meth:`Freezer.set_epoch` / :meth:`Freezer.set_step`
 to the schedule's plan and the plan to :func:`layerfreeze.apply_change`, and
@@ -35,6 +37,7 @@ from .optim import OptimizerSync
 from .rules import AdaptiveFreezeRule, AdaptiveStats, PlateauUnfreezeRule, as_int, as_number
 from .schedule import Schedule
 from .selectors import ModelIndex, resolve, unwrap
+from .skip import SkipParty, SkipStats, skip_config
 from .warmup import Warmup, WarmupParty
 
 __all__ = ["Freezer"]
@@ -87,6 +90,19 @@ class Freezer:
             the Freezer, or a list of them: their per-group bookkeeping is
             extended whenever the Freezer adds a param group. A scheduler made
             after the Freezer needs nothing.
+        cache: skip the forward of the frozen prefix: while the bottom groups
+            of the schedule's rules are frozen in eval mode (embeddings, stems
+            and everything else the forward runs before the first trainable
+            group frozen too), the model starts from each sample's stored
+            output of the highest frozen group (see :mod:`layerfreeze.skip`
+            and :meth:`skip_stats`). The store choices of
+            :func:`layerfreeze.cache`: ``True`` or ``"memory"``, or a dict of
+            its keyword arguments (``{"store": "disk", "path": ...}``,
+            ``max_bytes``, ``padding``, ``pad_value``, ``key``, ``dtype``).
+            With ``key="name"`` the ids are taken out of the model's call.
+            In a padded batch the boundary's output is zero at padded
+            positions (as with :func:`layerfreeze.cache`): outputs at real
+            positions are the full forward's. Default None: off.
 
     ``optimizer`` may be a wrapper that exposes the wrapped optimizer's own
     ``param_groups`` as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``),
@@ -128,6 +144,7 @@ class Freezer:
         on_missing: str = "add",
         lr_scheduler: Any = None,
         warmup: Warmup | None = None,
+        cache: Any = None,
     ) -> None:
         self._wrapper = model
         self.module = unwrap(model)
@@ -144,6 +161,12 @@ class Freezer:
             )
         if unfreeze_lr is not None:
             unfreeze_lr = check_lr("unfreeze_lr", unfreeze_lr)
+        skip = skip_config(cache)
+        if skip is not None and (schedule is None or not schedule.rules):
+            raise ArgumentError(
+                "cache= skips the frozen bottom groups of the schedule's rules, and there is no schedule; "
+                "pass schedule=lf.Schedule().progressive_freeze(...) (or another rule with groups)"
+            )
         self._guard_every = every
         self.schedule = schedule
         index = ModelIndex(self.module)
@@ -226,9 +249,11 @@ class Freezer:
                 return freezer.epoch if freezer is not None else None
 
             self.warmup = WarmupParty(warmup, cast(torch.optim.Optimizer, inner), now)
+        #: the party that skips the frozen prefix's forward (None without ``cache=``)
+        self.skip: SkipParty | None = SkipParty(self.module, schedule, skip) if skip is not None else None
         self._subscriptions = [
             subscribe(self.module, party, weak=True)
-            for party in (self.sync, self._guard_party, self.warmup)
+            for party in (self.sync, self._guard_party, self.warmup, self.skip)
             if party is not None
         ]
         # a model.load_state_dict() is a deliberate change: its values become
@@ -327,13 +352,13 @@ class Freezer:
 
     def validate(self, change: Change) -> None:
         """Run every party's validation of ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed, self.skip):
             if party is not None:
                 party.validate(change)
 
     def apply(self, change: Change) -> None:
         """Have every party follow ``change`` (the road does this itself)."""
-        for party in (self.sync, self._guard_party, self.warmup, self.distributed):
+        for party in (self.sync, self._guard_party, self.warmup, self.distributed, self.skip):
             if party is not None:
                 party.apply(change)
 
@@ -349,7 +374,7 @@ class Freezer:
             for sub in self._subscriptions:
                 sub.remove()
             self._subscriptions.clear()
-            for party in (self.sync, self._guard_party, self.adaptive, self.warmup):
+            for party in (self.sync, self._guard_party, self.adaptive, self.warmup, self.skip):
                 if party is not None:
                     party.close()
             for name in ("_tick", "_load_hook"):
@@ -486,6 +511,29 @@ class Freezer:
                                         for k, v in self.module.state_dict().items()}
         return self._take_pending() + (self._apply_schedule() if grew else [])
 
+    # ------------------------------------------------------------------ skipping
+
+    def skip_stats(self) -> SkipStats:
+        """What ``cache=`` does now: the boundary, whether forwards skip the
+        frozen prefix and why not, hits, misses and bytes held.
+
+        Returns:
+            A :class:`~layerfreeze.SkipStats`.
+
+        Raises:
+            ArgumentError: the Freezer was made without ``cache=``.
+
+        Example:
+            >>> import torch, torch.nn as nn, layerfreeze as lf
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+            >>> fz = lf.Freezer(net, schedule=lf.Schedule().freeze("[0]", mode="eval"), cache=True)
+            >>> fz.skip_stats().reason
+            'the order of the modules is learnt on the first forward'
+        """
+        if self.skip is None:
+            raise ArgumentError("skip_stats() needs a Freezer made with cache=True (or another store)")
+        return self.skip.stats()
+
     # ------------------------------------------------------------------ guard
 
     def check(self) -> None:
@@ -507,6 +555,8 @@ class Freezer:
         the values before the edit.
         """
         self.guard.refresh()
+        if self.skip is not None:
+            self.skip.verify()
         from .feature_cache.api import is_cached
 
         for m in self.module.modules():

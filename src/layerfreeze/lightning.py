@@ -45,7 +45,8 @@ class LayerFreeze(pl.Callback):  # type: ignore[misc]
         schedule: the schedule; epochs are ``trainer.current_epoch`` (from 0),
             steps ``trainer.global_step`` (optimizer steps).
         **freezer_kwargs: passed to :class:`layerfreeze.Freezer` (``guard``,
-            ``release_state``, ``unfreeze_lr``, ...).
+            ``release_state``, ``unfreeze_lr``, ``cache`` to skip the frozen
+            prefix's forward, ...).
 
     Raises:
         ArgumentTypeError: ``schedule`` is not a Schedule (also a ``TypeError``).

@@ -72,7 +72,8 @@ class LayerFreezeCallback(TrainerCallback):  # type: ignore[misc]
         schedule: the schedule (epochs are the Trainer's epochs counted from
             0, steps its ``global_step``, i.e. optimizer updates).
         **freezer_kwargs: passed to :class:`layerfreeze.Freezer` (``guard``,
-            ``release_state``, ``unfreeze_lr``, ...).
+            ``release_state``, ``unfreeze_lr``, ``cache`` to skip the frozen
+            prefix's forward, ...).
 
     Raises:
         ArgumentTypeError: ``schedule`` is not a Schedule (also a ``TypeError``).

@@ -232,6 +232,43 @@ def cache(
     """
     if not isinstance(module, nn.Module):
         raise CacheTypeError(f"lf.cache expects an nn.Module, got {type(module).__name__}")
+    config = cache_config(store=store, max_bytes=max_bytes, path=path, verify_every=verify_every, padding=padding,
+                          pad_value=pad_value, key=key, batch_dim=batch_dim, dtype=dtype)
+    if is_cached(module):
+        raise CacheError(f"{type(module).__name__} is already cached; use that module as it is")
+    if "forward" in module.__dict__:
+        raise CacheError("the module has a per-instance forward attribute; cache a module without one")
+    base = type(module)
+    module.__dict__["_lf_cache"] = _FeatureCache(module, base, config)
+    module.__class__ = _cached_class(base)
+    return module
+
+
+def cache_config(
+    *,
+    store: str = "memory",
+    max_bytes: int | None = None,
+    path: str | os.PathLike[str] | None = None,
+    verify_every: int = 100,
+    padding: str | None = "attention_mask",
+    pad_value: float | int | None = None,
+    key: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
+    batch_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The settings of a cache (the keyword arguments of :func:`cache`), checked.
+
+    Returns:
+        The settings as a dict (``path`` as a string).
+
+    Raises:
+        CacheError: a value :func:`cache` does not accept (see there).
+
+    Example:
+        >>> from layerfreeze.feature_cache.api import cache_config
+        >>> cache_config(store="memory")["store"]
+        'memory'
+    """
     if store not in _STORES:
         raise CacheError(f"store={store!r} is not one of 'memory', 'disk'")
     if store == "disk" and path is None:
@@ -248,17 +285,9 @@ def cache(
         raise CacheError(f"padding must be the name of an argument (a str) or None, got {padding!r}")
     if key is not None and not (isinstance(key, str) or callable(key)):
         raise CacheError(f"key must be the name of an argument or a callable, got {key!r}")
-    if is_cached(module):
-        raise CacheError(f"{type(module).__name__} is already cached; use that module as it is")
-    if "forward" in module.__dict__:
-        raise CacheError("the module has a per-instance forward attribute; cache a module without one")
-    config = {"store": store, "max_bytes": max_bytes, "path": None if path is None else os.fspath(path),
-              "verify_every": verify_every, "padding": padding, "pad_value": pad_value, "key": key,
-              "batch_dim": batch_dim, "dtype": dtype}
-    base = type(module)
-    module.__dict__["_lf_cache"] = _FeatureCache(module, base, config)
-    module.__class__ = _cached_class(base)
-    return module
+    return {"store": store, "max_bytes": max_bytes, "path": None if path is None else os.fspath(path),
+            "verify_every": verify_every, "padding": padding, "pad_value": pad_value, "key": key,
+            "batch_dim": batch_dim, "dtype": dtype}
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

@@ -1,0 +1,41 @@
+"""Skipping the frozen prefix's forward: a Freezer party (``Freezer(..., cache=...)``).
+
+While the bottom groups of a schedule's rule are frozen in eval mode, every
+module the forward runs up to the last of them (the *boundary*, embeddings and
+stems included) computes the same output for a sample at every step. The
+party stores the boundary's output per sample, keyed like :func:`layerfreeze.cache`
+(content, real tokens, sample ids), and on a batch it has seen makes the
+prefix cost nothing: the modules before the boundary return a placeholder of
+their output structure and the boundary returns the stored rows.
+
+How it decides and stays correct:
+
+* **The order.** The first forward runs with hooks on every module and records
+  which module runs inside which, and in what order. A group's *boundary* is the
+  module of the group that finishes last; its *prefix* is every module that
+  finishes before it (except the modules that contain it).
+* **The boundary.** The highest group (of any rule's groups) whose prefix has no
+  trainable parameter, no module in training mode where that matters (dropout,
+  batch statistics, a class whose ``forward`` reads ``self.training``) and no
+  hooks. Otherwise nothing is skipped and :class:`SkipStats` says why.
+* **The proof.** Before the first skip at a new boundary, one batch runs both
+  ways (the full forward and the skipped one, from the same random state, with
+  buffers restored after) and every output tensor is compared (real positions
+  only, in a padded batch). A model that reads a prefix output the boundary does
+  not carry (a connection around the boundary) is refused: a warning names the
+  module that read a placeholder when one is found, and training goes on
+  without skipping.
+* **Levels.** Each boundary is a level: a :class:`~layerfreeze.feature_cache.call._FeatureCache`
+  over a view of its prefix, so keys, padding, stores, the disk layout and
+  validity are those of :func:`layerfreeze.cache` (the disk directory is named
+  by the prefix's weights, its module tree and the boundary). When the boundary
+  moves up, a missing sample of the new level is computed from the level below
+  (its stored row through the newly frozen group only); the lower level is
+  dropped once every sample it held is stored above. When it moves down, levels
+  above are dropped.
+"""
+
+from .levels import SkipStats, skip_config
+from .party import SkipParty
+
+__all__ = ["SkipParty", "SkipStats", "skip_config"]

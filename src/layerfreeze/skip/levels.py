@@ -1,0 +1,239 @@
+"""A boundary's level: its prefix as a module tree, its store (a feature cache
+of that tree), and the small records the party keeps (see :mod:`layerfreeze.skip`)."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
+from ..feature_cache.api import cache_config
+from ..feature_cache.call import _FeatureCache
+
+if TYPE_CHECKING:
+    from .party import SkipParty
+
+__all__ = ["SkipStats", "skip_config"]
+
+_KEYS = ("store", "path", "max_bytes", "verify_every", "padding", "pad_value", "key", "dtype")
+
+# torch.nn classes whose forward depends on the training flag
+_MODAL = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.MultiheadAttention,
+          nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
+
+
+@dataclass(frozen=True)
+class SkipStats:
+    """What skipping the frozen prefix does now (:meth:`layerfreeze.Freezer.skip_stats`).
+
+    Attributes:
+        boundary: the label of the highest frozen group whose output is stored
+            (``"encoder.layer.2"``), or None.
+        module: the module whose output is stored (the group's last module).
+        groups: how many groups of that rule it covers, from the bottom (0: none).
+        skipping: whether forwards skip the prefix now.
+        reason: why not, when not skipping (None otherwise).
+        hits: samples whose boundary output was served from the store (the
+            skipped forward of a boundary's proof included).
+        misses: samples whose boundary output was computed.
+        bytes_held: bytes of stored outputs in memory.
+        bytes_on_disk: bytes of stored outputs on disk.
+        entries: samples stored at the boundary.
+
+    Example:
+        >>> import warnings, torch, torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 4), nn.Linear(4, 1))
+        >>> fz = lf.Freezer(net, schedule=lf.Schedule().freeze(["[0]", "[2]"]), cache=True)  # mode="norm"
+        >>> _ = fz.set_epoch(0)
+        >>> with warnings.catch_warnings(record=True):
+        ...     _ = net(torch.randn(4, 3))
+        >>> st = fz.skip_stats(); (st.module, st.skipping, st.reason.split(" is in")[0])
+        ('2', False, '1 (Dropout)')
+    """
+
+    boundary: str | None
+    module: str | None
+    groups: int
+    skipping: bool
+    reason: str | None
+    hits: int
+    misses: int
+    bytes_held: int
+    bytes_on_disk: int
+    entries: int
+
+
+def skip_config(value: object) -> dict[str, Any] | None:
+    """Check the ``cache=`` argument of :class:`~layerfreeze.Freezer`.
+
+    Args:
+        value: None/False (off), True or ``"memory"``, ``"disk"`` (with a
+            path: pass a dict), or a dict of :func:`layerfreeze.cache` keyword
+            arguments (``store``, ``path``, ``max_bytes``, ``padding``,
+            ``pad_value``, ``key``, ``dtype``, ``verify_every``).
+
+    Returns:
+        The store's settings, or None when off.
+
+    Raises:
+        ArgumentTypeError: not one of those types.
+        ArgumentError: an unknown key or a value :func:`layerfreeze.cache` refuses.
+
+    Example:
+        >>> from layerfreeze.skip import skip_config
+        >>> skip_config(True)["store"], skip_config(None)
+        ('memory', None)
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {"store": "memory"}
+    elif isinstance(value, str):
+        if value == "disk":
+            raise ArgumentError("cache='disk' needs a directory: pass cache={'store': 'disk', 'path': '...'}")
+        value = {"store": value}
+    elif not isinstance(value, dict):
+        raise ArgumentTypeError(
+            f"cache must be None, True, 'memory', or a dict of lf.cache arguments (e.g. "
+            f"{{'store': 'disk', 'path': '...'}}), got {type(value).__name__}"
+        )
+    unknown = [k for k in value if k not in _KEYS]
+    if unknown:
+        raise ArgumentError(f"cache= has unknown key(s) {unknown}; accepted: {', '.join(_KEYS)}")
+    try:
+        return cache_config(**value, batch_dim=0)
+    except CacheTypeError as e:
+        raise ArgumentTypeError(f"cache=: {e}") from None
+    except CacheError as e:
+        raise ArgumentError(f"cache=: {e}") from None
+
+
+class _Stop(BaseException):
+    """Ends a forward at the boundary (a BaseException: model code catching Exception does not swallow it)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+
+@dataclass
+class _Call:
+    name: str
+    start: int
+    parent: int | None
+    end: int = -1
+
+
+@dataclass
+class _Candidate:
+    label: str
+    count: int  # groups of its rule from the bottom, this one included
+    b: str  # the boundary module
+    params: list[str]  # parameters of those groups
+
+
+@dataclass
+class _Plan:
+    """What one forward does: serve a level's stored output, stop at a module, or neither."""
+
+    batch: int
+    length: int | None
+    device: torch.device
+    serve: Any = None  # the level whose boundary returns ``out``
+    out: Any = None
+    stop: nn.Module | None = None
+    outer: bool = False
+    entry: nn.Module | None = None
+    served: bool = False
+    track: dict[int, str] | None = None  # placeholder ids -> producing module (the proof)
+    keep: list[Any] = field(default_factory=list)
+
+
+def _mode_matters(m: nn.Module) -> bool:
+    if isinstance(m, _MODAL):
+        return True
+    if type(m).__module__.startswith("torch.nn."):
+        return False
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    return code is not None and "training" in code.co_names
+
+
+class _PrefixView(nn.Module):
+    """The prefix of one boundary as a module tree: what a level's cache checks and names its disk store by."""
+
+    def __init__(self, parts: dict[str, nn.Module], boundary: str, party: SkipParty) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({n.replace(".", "/"): m for n, m in parts.items()})
+        self.boundary = boundary
+        self._party = weakref.ref(party)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        party = self._party()
+        assert party is not None
+        return party._compute(self.boundary, args, kwargs)
+
+
+class _LevelCache(_FeatureCache):
+    """A level's store: the feature cache of its prefix view."""
+
+    def __init__(self, view: _PrefixView, config: dict[str, Any], level: _Level, party: SkipParty) -> None:
+        super().__init__(view, _PrefixView, config)
+        self._positional = party._positional
+        self.name = f"the frozen prefix up to {level.b}"
+        self._level = level
+        self._party = weakref.ref(party)
+
+    def _scan(self) -> tuple[tuple[Any, ...], bool]:
+        token, hooks, _ = self._scan_all()
+        return (token, hooks), self._level.unsafe() is not None
+
+    def _why_not(self, inputs: list[Any]) -> str | None:
+        reason = self._level.unsafe()
+        if reason is not None:
+            return reason
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            return "an input requires grad, so gradients must flow through the prefix"
+        return None
+
+    def _warn(self, reason: str) -> None:
+        party = self._party()
+        if party is not None:
+            party._note(f"{self.name}: {reason}; computed, not stored")
+
+
+class _Level:
+    """One boundary: its prefix, the modules that return placeholders, its store."""
+
+    def __init__(self, party: SkipParty, cand: _Candidate, before: list[str], prefix: list[str]) -> None:
+        modules = dict(party.model.named_modules())
+        self.cand = cand
+        self.b = cand.b
+        self.b_module = modules[cand.b]
+        self.before = before
+        self.before_ids = {id(modules[n]) for n in before}
+        self.prefix = set(prefix)
+        parts = {n: modules[n] for n in [*before, cand.b]}
+        self.params = [p for m in parts.values() for p in m.parameters()]
+        self.modal = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top) if _mode_matters(m)]
+        self.view = _PrefixView(parts, cand.b, party)
+        self.cache = _LevelCache(self.view, party.config, self, party)
+        self.proven = False
+
+    def unsafe(self) -> str | None:
+        for p in self.params:
+            if p.requires_grad:
+                return "a parameter of the prefix is trainable"
+        for n, m in self.modal:
+            if m.training:
+                return f"{n} is in training mode"
+        return None
+
+    def entries(self) -> set[bytes]:
+        c = self.cache
+        keys = set(c.memory.index) if c.memory is not None else set()
+        if c.disk is not None:
+            keys |= set(c.disk.index)
+        return keys

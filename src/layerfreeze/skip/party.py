@@ -1,0 +1,478 @@
+"""The party: learns the order of the calls, decides the boundary, serves the
+stored output and placeholders during a forward (see :mod:`layerfreeze.skip`)."""
+
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import Change
+from ..feature_cache.call import _positional_names
+from ..feature_cache.layout import _flatten, _unflatten
+from ..rules import _roots
+from ..selectors import ModelIndex
+from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
+from .proof import _dims, _leaves, _untouched, prove
+
+__all__ = ["SkipParty"]
+
+def _skip_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The instance ``forward`` of a prefix module: asks its party what to do."""
+    ref = _WRAPPED.get(self)
+    party = ref() if ref is not None else None
+    if party is None:
+        return type(self).forward(self, *args, **kwargs)
+    return party._module_call(self, args, kwargs)
+
+
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+class SkipParty:
+    """Skips the forward of a model's frozen prefix; made by :class:`~layerfreeze.Freezer`
+    for ``cache=`` (see :mod:`layerfreeze.skip`). Follows the freeze road
+    (a change marks the boundary for a new decision at the next forward), holds
+    the model weakly, and ``close()`` removes every hook and instance forward.
+
+    Args:
+        model: the unwrapped model.
+        schedule: the schedule whose rules' groups are the possible boundaries.
+        config: the store's settings (:func:`skip_config`).
+
+    Example:
+        >>> import torch, torch.nn as nn, layerfreeze as lf
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 1))
+        >>> s = lf.Schedule().freeze(["[0]", "[1]", "[2]"], mode="eval")
+        >>> fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1), s, cache=True)
+        >>> _ = fz.set_epoch(0)
+        >>> x = torch.randn(6, 4)
+        >>> _ = net(x)          # learns the order, proves the boundary on x, stores
+        >>> _ = net(x.flip(0))  # served from the store
+        >>> st = fz.skip_stats(); (st.module, st.skipping, st.misses, st.hits)
+        ('2', True, 6, 12)
+    """
+
+    def __init__(self, model: nn.Module, schedule: Any, config: dict[str, Any]) -> None:
+        self._model = weakref.ref(model)
+        self.schedule = schedule
+        self.config = config
+        self._positional: list[str] = []
+        self._stack: list[_Plan] = []
+        self._levels: dict[str, _Level] = {}
+        self._active: _Level | None = None
+        self._cand: _Candidate | None = None
+        self._reason: str | None = "the order of the modules is learnt on the first forward"
+        self._refused: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._dirty = True
+        self._hits = self._misses = 0
+        self._calls: list[_Call] = []
+        self._outs: dict[str, tuple[Any, list[Any]]] = {}
+        self._trace_dims: tuple[int, int | None] = (0, None)
+        self._entry: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._trace_handles: list[Any] = []
+        self._name_of: dict[int, str] = {}
+        self._wrapped: list[weakref.ref[nn.Module]] = []
+        self._arm()
+
+    @property
+    def model(self) -> nn.Module:
+        m = self._model()
+        assert m is not None
+        return m
+
+    # ---------------------------------------------------------------- the road
+
+    def validate(self, change: Change) -> None:
+        """Nothing to veto."""
+
+    def apply(self, change: Change) -> None:
+        """A new frozen set: decide the boundary again at the next forward."""
+        self._dirty = True
+
+    def verify(self) -> None:
+        """Check every level's weights and module tree now (drops stale outputs)."""
+        for level in self._levels.values():
+            with level.cache.lock:
+                level.cache.verify()
+
+    def close(self) -> None:
+        """Remove every hook and instance forward; drop stored outputs held in memory."""
+        for h in self._handles + self._trace_handles:
+            h.remove()
+        self._handles.clear()
+        self._trace_handles.clear()
+        for ref in self._wrapped:
+            m = ref()
+            if m is not None and m.__dict__.get("forward") is not None:
+                del m.__dict__["forward"]
+                _WRAPPED.pop(m, None)
+        self._wrapped.clear()
+        for b in list(self._levels):
+            self._drop(b)
+        self._active = None
+        self._reason = "closed"
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> SkipStats:
+        """The boundary, whether it skips and why not, counters (see :class:`SkipStats`)."""
+        cand = self._cand
+        level = self._active
+        mem = sum(lv.cache.memory.nbytes for lv in self._levels.values() if lv.cache.memory is not None)
+        disk = sum(lv.cache.disk.nbytes for lv in self._levels.values() if lv.cache.disk is not None)
+        entries = level.cache.stats().entries if level is not None else 0
+        return SkipStats(cand.label if cand else None, cand.b if cand else None, cand.count if cand else 0,
+                         level is not None, None if level is not None else self._reason, self._hits,
+                         self._misses, mem, disk, entries)
+
+    def _note(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"layerfreeze: {message}", stacklevel=4)
+
+    # ---------------------------------------------------------------- the order
+
+    def _arm(self) -> None:
+        """Hooks that learn the order of the calls on the first forward.
+
+        The model's own forward is watched from the start: its first call first
+        runs the batch once more under hooks (no grad, same random state,
+        buffers restored) and is then served like any later one. A forward
+        that starts at a submodule instead (a trainer's step calling
+        ``self.net(x)``) is learnt while it runs, and its module watched from then on.
+        """
+        model = self.model
+        names: dict[int, str] = {}
+        for name, m in model.named_modules():
+            names.setdefault(id(m), name)
+        calls: list[_Call] = []
+        outs: dict[str, tuple[Any, list[Any]]] = {}
+        stack: list[int] = []
+        count = itertools.count()
+        me = weakref.ref(self)
+        entry: list[Any] = []
+        done: list[bool] = []
+        padding = self.config["padding"]
+
+        # both take their kwargs as optional: a hook removed while a call runs is
+        # still called for that call, without them
+        def pre(m: nn.Module, args: Any, kwargs: Any = None) -> None:
+            if done or id(m) not in names:  # a copy of the model made before its first forward
+                return
+            if not stack and not entry:
+                entry.append((m, _dims(args, kwargs or {}, padding)))
+            if entry:
+                stack.append(len(calls))
+                calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
+
+        def post(m: nn.Module, args: Any, *rest: Any) -> None:
+            if done or not stack or id(m) not in names:
+                return
+            out = rest[-1]
+            c = calls[stack.pop()]
+            c.end = next(count)
+            if c.name not in outs and out is not None:
+                leaves: list[Any] = []
+                spec = _flatten(out, leaves)
+                outs[c.name] = (spec, [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+                                       for x in leaves])
+            party = me()
+            if not stack:
+                done.append(True)
+                if party is not None:
+                    party._learnt(entry[0], calls, outs)
+
+        self._watch_entry(model)
+        for m in model.modules():
+            self._trace_handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            self._trace_handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _watch_entry(self, module: nn.Module) -> None:
+        me = weakref.ref(self)
+
+        def pre(m: nn.Module, args: Any, kwargs: Any) -> Any:
+            party = me()
+            return party._pre(m, args, kwargs) if party is not None else None
+
+        def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            party = me()
+            if party is not None and party._stack and party._stack[-1].outer and party._stack[-1].entry is m:
+                party._stack.pop()
+
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _learnt(self, entry: tuple[nn.Module, tuple[int, int | None]], calls: list[_Call],
+                outs: dict[str, tuple[Any, list[Any]]]) -> None:
+        for h in self._trace_handles:
+            h.remove()
+        self._trace_handles.clear()
+        module, dims = entry
+        self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
+        self._name_of = {id(m): n for n, m in reversed(list(self.model.named_modules()))}
+        self._positional = _positional_names(type(module))
+        if module is not self.model:
+            self._watch_entry(module)
+        self._dirty = True
+
+    def _trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Learn the order on this batch, from the model's own forward (see :meth:`_arm`)."""
+        with _untouched(self.model):
+            self._stack.append(self._plan(args, kwargs))
+            try:
+                self.model(*args, **kwargs)
+            finally:
+                self._stack.pop()
+
+    # ---------------------------------------------------------------- the boundary
+
+    def _first_calls(self) -> dict[str, int]:
+        first: dict[str, int] = {}
+        for i, c in enumerate(self._calls):
+            first.setdefault(c.name, i)
+        return first
+
+    def _candidates(self) -> list[_Candidate]:
+        index = ModelIndex(self.model)
+        first = self._first_calls()
+        out = []
+        for i, rule in enumerate(self.schedule.rules):
+            groups = rule.groups(index, origin=self.schedule.origin(i))
+            below: list[str] = []
+            for g, (label, res) in enumerate(groups):
+                below = below + res.params
+                called = [first[r] for r in _roots(res.modules) if r in first and r != ""]
+                if called:
+                    b = max(called, key=lambda k: self._calls[k].end)
+                    out.append(_Candidate(label, g + 1, self._calls[b].name, below))
+        return out
+
+    def _prefix(self, b: str) -> tuple[list[str], list[str]]:
+        """Modules before ``b`` that return placeholders (outermost only), and every prefix module."""
+        calls = self._calls
+        bc = calls[self._first_calls()[b]]
+
+        def around(k: int | None) -> bool:  # a call that contains the boundary's
+            return k is None or (calls[k].start < bc.start and calls[k].end > bc.end)
+
+        prefix = sorted({c.name for c in calls if c.end <= bc.end})
+        before = []
+        for c in calls:
+            if c.end < bc.start and around(c.parent) and c.name not in before:
+                before.append(c.name)
+        return before, prefix
+
+    def _eligible(self, cand: _Candidate) -> str | None:
+        index = ModelIndex(self.model)
+        for n in cand.params:
+            if index.by_canonical[n].requires_grad:
+                return f"{n} is trainable"
+        before, _ = self._prefix(cand.b)
+        modules = dict(self.model.named_modules())
+        for top in [*before, cand.b]:
+            for n, m in modules[top].named_modules(prefix=top):
+                if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                    return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
+                own = m.__dict__.get("forward")
+                if own is not None and not (isinstance(own, types.MethodType) and own.__func__ is _skip_forward):
+                    return f"{n} has an instance forward; the Freezer skips only modules without one"
+                if m.training and _mode_matters(m):
+                    return (f"{n} ({type(m).__name__}) is in training mode (dropout or batch statistics stay on with "
+                            "mode='norm'); freeze with mode='eval' to let the Freezer skip it")
+            for pn, p in modules[top].named_parameters(prefix=top):
+                if p.requires_grad:
+                    return (f"{pn} runs before the boundary {cand.b} and is trainable; freeze it with the bottom "
+                            "group to let the Freezer skip the prefix")
+        return None
+
+    def _sync(self) -> None:
+        """Decide the boundary after a change; make, keep or drop levels."""
+        if not self._dirty or not self._calls:
+            return
+        self._dirty = False
+        first = self._first_calls()
+        best, reason = None, "no group of the schedule is frozen"
+        frozen = [c for c in self._candidates() if not self._trainable(c)]
+        frozen.sort(key=lambda c: self._calls[first[c.b]].end, reverse=True)
+        for i, c in enumerate(frozen):
+            why = self._eligible(c)
+            if why is None:
+                best = c
+                break
+            if i == 0:
+                reason = why
+
+        def end(b: str) -> int:
+            return self._calls[first[b]].end
+
+        for b in list(self._levels):
+            if best is None or end(b) > end(best.b):
+                self._drop(b)
+        self._cand = best if best is not None else (frozen[0] if frozen else None)  # what stands in the way
+        if best is None:
+            self._active, self._reason = None, reason
+            if frozen:
+                self._note(f"not skipping the frozen prefix: {reason}")
+            return
+        if best.b in self._refused:
+            self._active, self._reason = None, self._refused[best.b]
+            return
+        below = sorted((b for b in self._levels if end(b) < end(best.b)), key=end)
+        for b in below[:-1]:  # keep the nearest lower level only: the new one is computed from it
+            self._drop(b)
+        if best.b not in self._levels:
+            before, prefix = self._prefix(best.b)
+            level = _Level(self, best, before, prefix)
+            self._levels[best.b] = level
+            self._wrap([*before, best.b])
+        self._active, self._reason = self._levels[best.b], None
+
+    def _trainable(self, cand: _Candidate) -> bool:
+        """Whether some parameter of the candidate's groups is trainable."""
+        index = ModelIndex(self.model)
+        return any(index.by_canonical[n].requires_grad for n in cand.params)
+
+    def _drop(self, b: str) -> None:
+        level = self._levels.pop(b)
+        if level.cache.memory is not None:
+            level.cache.memory.clear()
+        if self._active is level:
+            self._active = None
+
+    def _wrap(self, names: list[str]) -> None:
+        modules = dict(self.model.named_modules())
+        for n in names:
+            m = modules[n]
+            if m not in _WRAPPED:
+                m.__dict__["forward"] = types.MethodType(_skip_forward, m)
+                _WRAPPED[m] = weakref.ref(self)
+                self._wrapped.append(weakref.ref(m))
+
+    def _lower(self, level: _Level) -> _Level | None:
+        first = self._first_calls()
+        end = self._calls[first[level.b]].end
+        lower = [lv for lv in self._levels.values() if self._calls[first[lv.b]].end < end]
+        return max(lower, key=lambda lv: self._calls[first[lv.b]].end) if lower else None
+
+    # ---------------------------------------------------------------- forwards
+
+    def _strip(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call without the ``key=`` ids (the model never sees them)."""
+        name = self.config["key"]
+        if not isinstance(name, str):
+            return args, kwargs
+        kwargs = {k: v for k, v in kwargs.items() if k != name}
+        args = tuple({k: v for k, v in a.items() if k != name} if isinstance(a, dict) else a for a in args)
+        return args, kwargs
+
+    def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], **how: Any) -> _Plan:
+        batch, length = _dims(args, kwargs, self.config["padding"])
+        device = next((x.device for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        return _Plan(batch, length, device, **how)
+
+    def _pre(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._stack:  # a forward this party runs itself
+            return None
+        plain = self._strip(args, kwargs)
+        if self._entry is None and m is self.model and self._trace_handles:
+            self._trace(*plain)
+        if m is not self._entry:
+            return plain
+        self._sync()
+        level = self._active
+        if level is not None and level.unsafe() is not None:
+            self._dirty = True
+            self._sync()
+            level = self._active
+        if level is None:
+            return plain
+        if not level.proven and not prove(self, level, args, kwargs, plain):
+            return plain
+        with torch.no_grad():
+            out = self._lookup(level, args, kwargs)
+        self._migrate(level)
+        self._stack.append(self._plan(*plain, serve=level, out=out, outer=True, entry=m))
+        return plain
+
+    def _lookup(self, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The boundary's output for a call from ``level``'s store (misses computed), counted."""
+        c = level.cache
+        hits, misses = c.hits, c.misses
+        out = c(args, kwargs)
+        self._hits += c.hits - hits
+        self._misses += c.misses - misses
+        return out
+
+    def _compute(self, b: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The boundary ``b``'s output for a call (its cache's misses): from the
+        level below when there is one, else from the input."""
+        level = self._levels[b]
+        lower = self._lower(level)
+        out = None
+        if lower is not None:
+            out = lower.cache(args, kwargs)
+        plan = self._plan(args, kwargs, serve=lower, out=out, stop=level.b_module)
+        self._stack.append(plan)
+        try:
+            entry = self._entry
+            assert entry is not None
+            with torch.no_grad():
+                entry(*args, **kwargs)
+        except _Stop as stop:
+            return stop.out
+        finally:
+            self._stack.remove(plan)
+        raise RuntimeError(f"layerfreeze: the forward did not call {b}, the boundary it was learnt with")
+
+    def _module_call(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        plan = self._stack[-1] if self._stack else None
+        if plan is not None and plan.serve is not None and not plan.served:
+            if m is plan.serve.b_module:
+                plan.served = True
+                return plan.out
+            if id(m) in plan.serve.before_ids:
+                return self._placeholder(m, plan)
+        out = type(m).forward(m, *args, **kwargs)
+        if plan is not None and plan.stop is m and (plan.serve is None or plan.served):
+            raise _Stop(out)
+        return out
+
+    def _placeholder(self, m: nn.Module, plan: _Plan) -> Any:
+        name = self._name_of[id(m)]
+        spec, leaves = self._outs[name]
+        tb, tl = self._trace_dims
+        made = []
+        for x in leaves:
+            if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.dtype):
+                shape = list(x[0])
+                if shape and shape[0] == tb:
+                    shape[0] = plan.batch
+                if len(shape) > 1 and tl is not None and plan.length is not None and shape[1] == tl:
+                    shape[1] = plan.length
+                fill = float("nan") if x[1].is_floating_point or x[1].is_complex else 0
+                t = torch.full((), fill, dtype=x[1], device=plan.device).expand(shape)
+                if plan.track is not None:
+                    plan.track[id(t)] = name
+                    plan.keep.append(t)
+                made.append(t)
+            else:
+                made.append(x)
+        return _unflatten(spec, made)
+
+    def _migrate(self, level: _Level) -> None:
+        """Drop the level below once every sample it holds is stored at ``level`` too."""
+        lower = self._lower(level)
+        if lower is None or level.cache.stats().entries < lower.cache.stats().entries:
+            return
+        if lower.entries() <= level.entries():
+            self._drop(lower.b)
+
+    # ---------------------------------------------------------------- the proof

@@ -1,0 +1,358 @@
+"""Freezer(cache=...): the frozen prefix's forward is skipped, and training is unchanged."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layerfreeze as lf
+
+
+class Tally:
+    """A counter held by a module (not a plain attribute: the module tree's digest ignores it)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class Counted(nn.Linear):
+    """A linear layer that counts the samples it computes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tally = Tally()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tally.n += x.shape[0]
+        return super().forward(x)
+
+
+def stack(width: int = 8, depth: int = 4) -> nn.Sequential:
+    layers: list[nn.Module] = [Counted(5, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [Counted(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 3))
+    return nn.Sequential(*layers)
+
+
+def groups(depth: int = 4) -> list[str]:
+    return [f"[{2 * i}]" for i in range(depth)]
+
+
+def counts(net: nn.Module) -> list[int]:
+    return [m.tally.n for m in net.modules() if isinstance(m, Counted)]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, len(x), size)]
+
+
+def train_pair(net, schedule, data, epochs, *, cache=True, loss=None, lr=0.05, each_epoch=None):
+    """Train ``net`` and a copy side by side, the copy with ``cache``: the loss of
+    every step and the grads of the trainable parameters must agree."""
+    ref = copy.deepcopy(net)
+    loss = loss or (lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
+    opt_a = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt_b = torch.optim.SGD(net.parameters(), lr=lr)
+    fa = lf.Freezer(ref, opt_a, copy.deepcopy(schedule))
+    fb = lf.Freezer(net, opt_b, schedule, cache=cache)
+    losses = []
+    for epoch in range(epochs):
+        fa.set_epoch(epoch)
+        fb.set_epoch(epoch)
+        for batch in data(epoch):
+            out = []
+            for model, opt in ((ref, opt_a), (net, opt_b)):
+                opt.zero_grad()
+                value = loss(model, batch)
+                value.backward()
+                out.append(value.detach())
+            torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=0)
+            for (name, pa), pb in zip(ref.named_parameters(), net.parameters(), strict=True):
+                assert pa.requires_grad == pb.requires_grad, name
+                if pa.grad is not None:
+                    torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+            opt_a.step()
+            opt_b.step()
+            losses.append(out[1].item())
+        if each_epoch is not None:
+            each_epoch(epoch, fb)
+    return fb, losses
+
+
+@pytest.fixture
+def xy():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+
+def test_sequential_agrees_at_every_boundary_and_skips(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    sched = lf.Schedule().progressive_freeze(groups(), start=0.2, end=0.8, total_epochs=5, mode="eval")
+    seen = []
+
+    def each(epoch, fz):
+        seen.append((fz.skip_stats().groups, fz.skip_stats().skipping))
+
+    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 6, each_epoch=each)
+    assert seen == [(0, False), (1, True), (2, True), (3, True), (4, True), (4, True)]
+    # the last epochs: the whole stack frozen, nothing of it runs
+    before = counts(net)
+    fz.set_epoch(6)
+    for bx, _ in batches(x, y, 8, 6):
+        net(bx)
+    assert counts(net) == before
+    st = fz.skip_stats()
+    assert st.hits > 0 and st.bytes_held > 0 and st.entries == 24 and st.reason is None
+
+
+def test_boundary_up_runs_only_the_new_group_once_per_sample(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    sched = lf.Schedule().freeze("[0]", mode="eval").freeze("[2]", from_epoch=2, mode="eval")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    fz = lf.Freezer(net, opt, sched, cache=True)
+    for epoch in range(2):
+        fz.set_epoch(epoch)
+        for bx, _ in batches(x, y, 8, epoch):
+            net(bx)
+    assert fz.skip_stats().module == "0"
+    fz.set_epoch(2)
+    before = counts(net)
+    for bx, _ in batches(x, y, 8, 2):
+        net(bx)
+    grew = [a - b for a, b in zip(counts(net), before, strict=True)]
+    assert fz.skip_stats().module == "2"
+    # group [0]: only the proof's full forward of one batch (8 samples);
+    # group [2]: each of the 24 samples once from its stored input, plus that
+    # batch in the proof and two samples of the first check
+    assert grew[0] == 8
+    assert grew[1] == 24 + 8 + 2
+    # the level below was dropped once every sample was stored above it
+    assert list(fz.skip._levels) == ["2"]
+    before = counts(net)
+    for bx, _ in batches(x, y, 8, 3):
+        net(bx)
+    grew = [a - b for a, b in zip(counts(net), before, strict=True)]
+    assert grew[:2] == [0, 0]
+
+
+def test_a_batch_mixing_levels_runs_the_new_group_only_for_stored_samples(xy):
+    torch.manual_seed(0)
+    net = stack()
+    ref = copy.deepcopy(net)
+    x, _ = xy
+    sched = lf.Schedule().freeze("[0]", mode="eval").freeze("[2]", from_epoch=1, mode="eval")
+    fz = lf.Freezer(net, schedule=sched, cache=True)
+    fz.set_epoch(0)
+    net(x[:12])
+    fz.set_epoch(1)
+    net(x[:4])  # proves the new boundary
+    before = counts(net)
+    mixed = torch.cat([x[4:12], x[12:20]])  # 8 samples stored below the boundary, 8 never seen
+    torch.testing.assert_close(net(mixed), ref(mixed), atol=1e-6, rtol=1e-5)
+    grew = [a - b for a, b in zip(counts(net), before, strict=True)]
+    assert grew[:3] == [8, 16, 16]  # the first group only for the unseen samples; the layers above for all
+    assert fz.skip_stats().module == "2"
+
+
+def test_boundary_down_recomputes_and_agrees(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    sched = lf.Schedule().gradual_unfreeze(groups(), start_epoch=1, mode="eval")
+    seen = []
+    ran = []
+
+    def each(epoch, fz):
+        seen.append((fz.skip_stats().module, list(fz.skip._levels)))
+        ran.append(counts(net)[0])
+
+    train_pair(net, sched, lambda e: batches(x, y, 8, e), 4, each_epoch=each)
+    # each epoch one group less is frozen: what was stored above the new boundary is gone
+    assert seen == [("6", ["6"]), ("4", ["4"]), ("2", ["2"]), ("0", ["0"])]
+    # and every sample's new boundary output was recomputed from the input (the first group ran for each)
+    assert all(b - a >= 24 for a, b in zip(ran, ran[1:], strict=False))
+
+
+def test_adaptive_freeze_drives_it(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    sched = lf.Schedule().adaptive_freeze(groups(), check_every=3, percentile=90, min_trainable=1, mode="eval")
+    seen = []
+    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 4,
+                       each_epoch=lambda e, f: seen.append(f.skip_stats().groups))
+    assert max(seen) >= 1 and fz.skip_stats().hits > 0
+
+
+class AroundBoundary(nn.Module):
+    """The head reads the embedding's output past every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(5, 8)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        return self.head(torch.cat([self.blocks(e), e], -1))
+
+
+def test_connection_around_the_boundary_is_refused_once_and_trains(xy):
+    torch.manual_seed(0)
+    net = AroundBoundary()
+    x, y = xy
+    sched = lf.Schedule().progressive_freeze(["emb", "blocks.0", "blocks.1"], start=0.0, end=0.5,
+                                             total_epochs=4, mode="eval")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 4)
+    named = [str(w.message) for w in got if "around" in str(w.message)]
+    assert len(named) == 1 and "output of emb" in named[0], [str(w.message) for w in got]
+    st = fz.skip_stats()
+    assert not st.skipping and "emb" in st.reason and st.module == "blocks.1"
+
+
+def test_norm_mode_with_dropout_is_not_skipped_and_says_why(xy):
+    net = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.2), nn.Linear(8, 8), nn.Linear(8, 3))
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(["[0]", "[2]"], mode="norm"), cache=True)
+    fz.set_epoch(0)
+    net.train()
+    with pytest.warns(UserWarning, match=r"1 \(Dropout\) is in training mode.*mode='eval'"):
+        net(x)
+    st = fz.skip_stats()
+    assert not st.skipping and "mode='eval'" in st.reason and st.hits == 0
+
+
+def test_a_hook_on_a_prefix_module_is_not_skipped_and_says_why(xy):
+    net = stack()
+    x, _ = xy
+    seen = []
+    net[2].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    with pytest.warns(UserWarning, match="2 has hooks"):
+        net(x)
+    net(x)
+    assert seen == [len(x)] * 3  # the hook ran on every forward (and the first one's order-learning pass)
+    st = fz.skip_stats()
+    assert not st.skipping and "remove them" in st.reason
+
+
+def test_a_copy_made_before_the_first_forward_runs_plainly(xy):
+    net = stack()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin(x), net(x))
+    assert fz.skip_stats().skipping
+
+
+def test_weight_edit_below_the_boundary_is_never_served_stale(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:3], mode="eval"), cache=True, guard=False)
+    fz.set_epoch(0)
+    net(x)
+    net(x)
+    assert fz.skip_stats().hits > 0
+    fresh = stack()
+
+    def check():
+        fresh.load_state_dict(net.state_dict())
+        torch.testing.assert_close(net(x), fresh(x), atol=1e-6, rtol=1e-5)
+
+    with torch.no_grad():
+        net[0].weight.data.copy_(torch.randn_like(net[0].weight))
+    check()
+    state = {k: v + 0.5 for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    check()
+    net[2].weight.data.mul_(2.0)
+    fz.refresh()
+    check()
+
+
+def test_bad_cache_values_are_refused_and_change_nothing():
+    net = stack()
+    sched = lf.Schedule().freeze("[0]", mode="eval")
+    with pytest.raises(lf.ArgumentError, match=r"cache='disk' needs a directory.*'path'"):
+        lf.Freezer(net, schedule=sched, cache="disk")
+    with pytest.raises(lf.ArgumentError, match=r"unknown key\(s\) \['stor'\]"):
+        lf.Freezer(net, schedule=sched, cache={"stor": "memory"})
+    with pytest.raises(lf.ArgumentError, match="store='cloud'"):
+        lf.Freezer(net, schedule=sched, cache="cloud")
+    with pytest.raises(lf.ArgumentTypeError, match="cache must be"):
+        lf.Freezer(net, schedule=sched, cache=3)
+    with pytest.raises(lf.ArgumentError, match="no schedule"):
+        lf.Freezer(net, cache=True)
+    assert all(p.requires_grad for p in net.parameters())
+    assert not any(m._forward_pre_hooks or "forward" in m.__dict__ for m in net.modules())
+    with pytest.raises(lf.ArgumentError, match="cache=True"):
+        lf.Freezer(net, schedule=sched).skip_stats()
+
+
+def test_close_removes_everything(xy):
+    net = stack()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    net(x)
+    assert fz.skip_stats().skipping
+    fz.close()
+    assert not any(m._forward_pre_hooks or m._forward_hooks or "forward" in m.__dict__ for m in net.modules())
+    before = counts(net)
+    net(x)
+    assert counts(net)[0] == before[0] + len(x)
+
+
+def test_dropping_the_freezer_detaches(xy):
+    import gc
+
+    net = stack()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:2], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    net(x)
+    del fz
+    gc.collect()
+    before = counts(net)
+    net(x)
+    assert counts(net)[0] == before[0] + len(x)
+
+
+def test_key_ids_hit_and_never_reach_the_model(xy):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = stack()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    net = Net()
+    x, _ = xy
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(["body.0", "body.2"], mode="eval"),
+                    cache={"key": "ids"})
+    fz.set_epoch(0)
+    ids = torch.arange(len(x))
+    out = net(x, ids=ids)
+    before = counts(net.body)
+    again = net(x.flip(0), ids=ids.flip(0))
+    assert counts(net.body)[:2] == before[:2]
+    torch.testing.assert_close(again, out.flip(0))
+    assert fz.skip_stats().hits == 2 * len(x)

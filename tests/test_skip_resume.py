@@ -1,0 +1,109 @@
+"""Skipping with a disk store: a restarted run reuses the stored boundary outputs;
+and a property: for any stack and boundary, the skipped forward is the full one."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import layerfreeze as lf
+
+
+def _sibling(name: str):
+    """A module of this folder (tests run with --import-mode=importlib: not importable by name)."""
+    spec = importlib.util.spec_from_file_location(f"_lf_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_t = _sibling("test_skip")
+stack, groups, counts, batches = _t.stack, _t.groups, _t.counts, _t.batches
+
+
+def _run(path: Path, state: dict | None, epochs: range):
+    torch.manual_seed(len(epochs))  # another initialisation than the saved run's
+    net = stack()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    sched = lf.Schedule().freeze(groups()[:2], mode="eval")
+    fz = lf.Freezer(net, opt, sched, cache={"store": "disk", "path": str(path)})
+    if state is not None:
+        net.load_state_dict(state["model"])
+        fz.load_state_dict(state["freezer"])
+        opt.load_state_dict(state["optimizer"])
+    return net, opt, fz
+
+
+def test_a_restarted_run_hits_from_the_first_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    net, opt, fz = _run(tmp_path / "store", None, range(2))
+    for epoch in range(2):
+        fz.set_epoch(epoch)
+        for bx, by in batches(x, y, 8, epoch):
+            opt.zero_grad()
+            F.cross_entropy(net(bx), by).backward()
+            opt.step()
+    assert fz.skip_stats().entries == 24
+    torch.save({"model": net.state_dict(), "freezer": fz.state_dict(), "optimizer": opt.state_dict()},
+               tmp_path / "ckpt.pt")
+    fz.close()
+    del net, opt, fz
+
+    state = torch.load(tmp_path / "ckpt.pt")
+    net, opt, fz = _run(tmp_path / "store", state, range(3))
+    fz.set_epoch(2)
+    data = batches(x, y, 8, 2)
+    first = net(data[0][0])
+    st0 = fz.skip_stats()
+    assert st0.skipping and st0.misses == 0 and st0.hits >= 8
+    # the first batch ran the prefix only to learn the order and prove the boundary;
+    # the rest of the epoch never runs it
+    before = counts(net)
+    for bx, _ in data[1:]:
+        net(bx)
+    assert counts(net)[:2] == before[:2]
+    assert fz.skip_stats().misses == 0
+    fresh = stack()
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(first, fresh(data[0][0]), atol=1e-6, rtol=1e-5)
+
+
+_ACTS = [nn.Tanh, nn.ReLU, nn.GELU, nn.Identity, nn.Sigmoid]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 6), min_size=2, max_size=5),
+    acts=st.lists(st.integers(0, len(_ACTS) - 1), min_size=5, max_size=5),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_skipped_forward_is_the_full_forward(widths, acts, data, seed):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = 3
+    for i, w in enumerate(widths):
+        layers += [nn.Linear(width, w), _ACTS[acts[i]]()]
+        width = w
+    net = nn.Sequential(*layers, nn.Linear(width, 2))
+    ref = copy.deepcopy(net)
+    k = data.draw(st.integers(1, len(widths)), label="groups frozen")
+    names = [f"[{2 * i}]" for i in range(len(widths))]
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(names[:k], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    n = data.draw(st.integers(2, 9), label="samples")
+    x = torch.randn(n, 3)
+    for _ in range(3):
+        take = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n), label="batch"))
+        torch.testing.assert_close(net(x[take]), ref(x[take]), atol=1e-5, rtol=1e-4)
+    s = fz.skip_stats()
+    assert s.skipping and s.module == str(2 * (k - 1))
