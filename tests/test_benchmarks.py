@@ -72,8 +72,8 @@ def _skip_frozen():
 
 
 def test_quick_skip_frozen_run_checks_itself_and_is_marked_not_comparable(tmp_path):
-    sf = _skip_frozen()
-    modes = "progressive,progressive_cached,floor" if sf.cache_supported() else "progressive,floor"
+    _skip_frozen()
+    modes = "progressive,progressive_cached,floor"
     before = _digest(RESULTS)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -92,15 +92,16 @@ def test_quick_skip_frozen_run_checks_itself_and_is_marked_not_comparable(tmp_pa
     # the quick plan over 3 epochs: 0 layers, then 3 (fraction 1/3), then all 6
     assert result["frozen_layers_per_epoch"]["progressive"] == [0, 3, 6]
     assert result["frozen_layers_per_epoch"]["floor"] == [0, 3, 6]
-    if "progressive_cached" in modes:
-        check = result["correctness"]["progressive_cached_loss_equals_progressive"]
-        assert check["pass"] is True and check["steps"] == 3 * result["settings"]["steps_per_epoch"]
-        assert result["frozen_layers_per_epoch"]["progressive_cached"] == [0, 3, 6]
-        stats = result["skip_stats_per_epoch"]["progressive_cached"]
-        assert stats[-1]["hits"] > 0, stats
-        rows = result["phases"]["progressive_cached"]["epochs"]
-        assert [r["kind"] for r in rows] == ["first", "move", "move"]
-        assert all(r["move_over_forward"] > 0 for r in rows[1:])
+    check = result["correctness"]["progressive_cached_loss_equals_progressive"]
+    assert check["pass"] is True and check["steps"] == 3 * result["settings"]["steps_per_epoch"]
+    assert result["frozen_layers_per_epoch"]["progressive_cached"] == [0, 3, 6]
+    # nothing frozen in the first epoch, then the boundary after layer 2, then after layer 5
+    epochs = result["skip_hits_misses_per_epoch"]["progressive_cached"]
+    assert [e["boundary"] for e in epochs] == [None, "encoder.encoder.layer.2", "encoder.encoder.layer.5"]
+    assert all(e["misses"] >= result["settings"]["train_samples"] for e in epochs[1:]), epochs
+    rows = result["phases"]["progressive_cached"]["epochs"]
+    assert [r["kind"] for r in rows] == ["first", "move", "move"]
+    assert all(r["move_over_forward"] > 0 for r in rows[1:])
     assert _digest(RESULTS) == before
 
 
