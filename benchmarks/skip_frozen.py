@@ -619,15 +619,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                label="progressive_cached epoch / floor epoch")
         ax.axhline(GOALS["phase_over_floor"], color="#2a7", linestyle="--", linewidth=1, label="goal 1.15x")
         for r in rows:
-            text = f"k={r['frozen_layers']}"
+            text = f"{r['over_floor']:.2f}x\nk={r['frozen_layers']}"
             if "move_over_forward" in r:
                 text += f"\nmove {r['move_over_forward']:.2f}x"
             ax.text(r["epoch"] + 1, r["over_floor"], text, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs)
-        ax.set_yscale("log")
-        ax.set_ylim(min(0.5, 0.8 * min(r["over_floor"] for r in rows)), None)
         ax.set_xlabel("epoch (k: layers frozen; move: extra time / no-grad forward of the new layers)")
-        ax.set_ylabel("ratio (log scale)")
+        ax.set_ylabel("ratio")
+        ax.set_ylim(0, 1.2 * max(r["over_floor"] for r in rows))
         ax.legend(fontsize=8, loc="upper left")
         ax.set_title("per phase against the hand-made floor", fontsize=10)
     else:
@@ -644,13 +643,15 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"skip_frozen ({result['device_name']}, {result['machine']['torch_threads']} threads)")
-    table.add_column("mode")
+    table.add_column("mode", no_wrap=True, min_width=18)
     for col in ("run s", *(f"ep{e + 1}" for e in range(result["settings"]["epochs"])), "acc"):
         table.add_column(col, justify="right")
     for m in result["modes"]:
         t = result["epoch_s"][m]
         table.add_row(m, f"{sum(t):.1f}", *(f"{x:.1f}" for x in t), f"{100 * result['accuracy'][m]:.0f}%")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 30 + 7 * (result["settings"]["epochs"] + 2))  # no cut numbers
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- main
