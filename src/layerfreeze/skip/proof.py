@@ -102,7 +102,7 @@ def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
     spec = _flatten(call, leaves)
     if _ids_list(spec, batch):
         return None
-    cut = []
+    cut: list[Any] = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
             cut.append(x[:n] if x.dim() >= 1 and x.shape[0] == batch else x)
