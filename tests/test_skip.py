@@ -115,6 +115,27 @@ def test_sequential_agrees_at_every_boundary_and_skips(xy):
     assert st.hits > 0 and st.bytes_held > 0 and st.entries == 24 and st.reason is None
 
 
+def test_the_order_is_learnt_without_an_extra_forward_while_nothing_is_frozen(xy):
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    sched = lf.Schedule().freeze("[0]", from_epoch=1, mode="eval")
+    fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.05), sched, cache=True)
+    fz.set_epoch(0)
+    net(x[:8])
+    assert counts(net)[0] == 8  # the training forward only
+    assert not fz.skip_stats().skipping
+    fz.set_epoch(1)
+    for bx, _ in batches(x, y, 8, 1):
+        net(bx)
+    st = fz.skip_stats()
+    assert st.skipping and st.module == "0" and st.entries == len(x)
+    before = counts(net)
+    for bx, _ in batches(x, y, 8, 2):
+        net(bx)
+    assert counts(net)[0] == before[0]
+
+
 def test_boundary_up_runs_only_the_new_group_once_per_sample(xy):
     torch.manual_seed(0)
     net = stack()

@@ -143,9 +143,11 @@ class SkipParty:
     def _arm(self) -> None:
         """Hooks that learn the order of the calls on the first forward.
 
-        The model's own forward is watched from the start: its first call first
-        runs the batch once more under hooks (no grad, same random state,
-        buffers restored) and is then served like any later one. A forward
+        The model's own forward is watched from the start. While every parameter
+        is trainable (nothing could be skipped yet) its first call is learnt as
+        it runs; otherwise that call first runs the batch once more under hooks
+        (no grad, same random state, buffers restored) and is then served like
+        any later one. A forward
         that starts at a submodule instead (a trainer's step calling
         ``self.net(x)``) is learnt while it runs, and its module watched from then on.
         """
@@ -222,6 +224,9 @@ class SkipParty:
         if module is not self.model:
             self._watch_entry(module)
         self._dirty = True
+
+    def _something_frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.model.parameters())
 
     def _trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Learn the order on this batch, from the model's own forward (see :meth:`_arm`)."""
@@ -382,8 +387,8 @@ class SkipParty:
         if self._stack:  # a forward this party runs itself
             return None
         plain = self._strip(args, kwargs)
-        if self._entry is None and m is self.model and self._trace_handles:
-            self._trace(*plain)
+        if self._entry is None and m is self.model and self._trace_handles and self._something_frozen():
+            self._trace(*plain)  # else nothing can be skipped yet: this forward itself is learnt
         if m is not self._entry:
             return plain
         self._sync()
