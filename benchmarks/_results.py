@@ -10,7 +10,10 @@ hand on purpose, so a run never overwrites them. A ``--quick`` run is marked
 from __future__ import annotations
 
 import datetime
+import os
+import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,31 @@ def say_if_quick(quick: bool) -> None:
     """Print that a quick run's figures are not comparable (at the start and the end of a run)."""
     if quick:
         print(QUICK_NOTE, flush=True)
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a result was measured on: platform, versions, CPU (and GPU), threads,
+    the load average at the start and the layerfreeze commit."""
+    import transformers
+
+    dev = torch.device(device)
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        info["cpu"] = platform.processor() or platform.machine()
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    try:
+        info["layerfreeze_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["layerfreeze_commit"] = None
+    return info

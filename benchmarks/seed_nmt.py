@@ -51,10 +51,8 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -69,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset
 import layerfreeze as lf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_tag, mark, out_stem  # noqa: E402
+from _results import OUT, machine_info, machine_tag, mark, out_stem  # noqa: E402
 
 MODES = ("vanilla", "floor", "cached", "frozen", "full")
 COLORS = {"vanilla": "#48c", "floor": "#888", "cached": "#2a7", "frozen": "#d84", "full": "#c33"}
@@ -402,32 +400,6 @@ def check_features(cached: Run, frozen: Run, epoch: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["layerfreeze_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["layerfreeze_commit"] = None
-    return info
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -543,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def bench(size: Size, device: torch.device, quick: bool) -> dict[str, Any]:
-    info = machine(device)
+    info = machine_info(device)
     minilm, tokenizer = load_minilm()
     corpus = make_corpus(tokenizer, size)
     runs = {m: Run(m, minilm, corpus, size, device) for m in MODES}

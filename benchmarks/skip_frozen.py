@@ -77,9 +77,7 @@ import inspect
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -94,7 +92,7 @@ import layerfreeze as lf
 from layerfreeze.demos.encoder import Classifier, docstring_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
+from _results import OUT, machine_info, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
 
 MODES = ("full", "progressive", "progressive_cached", "adaptive", "adaptive_cached", "floor")
 CACHED = {"progressive_cached": "progressive", "adaptive_cached": "adaptive"}
@@ -530,28 +528,6 @@ def phases(runs: dict[str, Run], cached: str) -> dict[str, Any]:
     return {"epochs": rows, "over_floor_by_phase": by_phase, "move_over_forward": moves}
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["layerfreeze_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["layerfreeze_commit"] = None
-    return info
 
 
 def estimate_s(minilm: nn.Module, data: Data, size: Size, modes: tuple[str, ...], device: torch.device) -> float:
@@ -727,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool) -> dict[str, Any]:
-    info = machine(device)
+    info = machine_info(device)
     minilm, tokenizer = load_minilm()
     data = make_data(tokenizer, size)
     steps = math.ceil(len(data.train) / size.batch)

@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -258,3 +260,13 @@ def _spawn(worker: Callable[..., None], *args: Any) -> list[dict[str, Any]]:
 def spawn_gloo() -> Callable[..., list[dict[str, Any]]]:
     """:func:`_spawn`: run a worker on 2 gloo processes, results by rank."""
     return _spawn
+
+
+def sibling(name: str) -> Any:
+    """Another test module of this folder, loaded from its file (the suite runs with
+    ``--import-mode=importlib``, so test modules are not importable by name)."""
+    spec = importlib.util.spec_from_file_location(f"_lf_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

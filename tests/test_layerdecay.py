@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 from typing import Any
 
 import pytest
 import torch
-from tests.conftest import stack
+from tests.conftest import sibling, stack
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -62,17 +60,10 @@ def test_a_schedule_keeps_the_decayed_lrs_under_a_scheduler_and_a_warmup() -> No
             assert lrs[1:] == pytest.approx([0.1 * f * factor * ramps[epoch] for f in (1, 0.5, 0.25)])
 
 
-def _sibling(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_lf_{name}", pathlib.Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_in_lightning() -> None:
     pytest.importorskip("lightning.pytorch")
-    lt = _sibling("test_lightning")
+    lt = sibling("test_lightning")
     from layerfreeze.lightning import LayerFreeze
 
     class Decayed(lt.Module):  # type: ignore[misc,name-defined]
@@ -90,7 +81,7 @@ def test_in_lightning() -> None:
 
 def test_in_the_hf_trainer(tmp_path: Any) -> None:
     transformers = pytest.importorskip("transformers")
-    hf = _sibling("test_transformers_callback")
+    hf = sibling("test_transformers_callback")
     from layerfreeze.transformers import LayerFreezeCallback
 
     model = hf._model()

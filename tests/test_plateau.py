@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 from typing import Any
 
 import pytest
 import torch
-from tests.conftest import stack
+from tests.conftest import sibling, stack
 from torch import nn
 
 import layerfreeze as lf
@@ -93,17 +91,10 @@ def test_state_resumes_and_bad_input_is_refused() -> None:
     assert again.rules[0].patience == 3
 
 
-def _sibling(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_lf_{name}", pathlib.Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_lightning_feeds_validation_metrics(tmp_path: Any) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    lt = _sibling("test_lightning")
+    lt = sibling("test_lightning")
     from layerfreeze.lightning import LayerFreeze
 
     class Validated(lt.Module):  # type: ignore[misc,name-defined]
@@ -134,7 +125,7 @@ def test_lightning_feeds_validation_metrics(tmp_path: Any) -> None:
 
 def test_hf_trainer_feeds_evaluation_metrics(tmp_path: Any) -> None:
     transformers = pytest.importorskip("transformers")
-    hf = _sibling("test_transformers_callback")
+    hf = sibling("test_transformers_callback")
     from layerfreeze.transformers import LayerFreezeCallback
 
     model = hf._model()

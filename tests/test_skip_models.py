@@ -3,27 +3,15 @@ TransformerEncoder, a torchvision-style ResNet and a pretrained MiniLM (BERT).""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import sibling
 from torch import nn
 
 import layerfreeze as lf
 
-
-def _sibling(name: str):
-    """A module of this folder (tests run with --import-mode=importlib: not importable by name)."""
-    spec = importlib.util.spec_from_file_location(f"_lf_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_pair = _sibling("test_skip").train_pair
+train_pair = sibling("test_skip").train_pair
 
 # ---------------------------------------------------------------- token models
 

@@ -4,28 +4,18 @@ and a property: for any stack and boundary, the skipped forward is the full one.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import sibling
 from torch import nn
 
 import layerfreeze as lf
 
-
-def _sibling(name: str):
-    """A module of this folder (tests run with --import-mode=importlib: not importable by name)."""
-    spec = importlib.util.spec_from_file_location(f"_lf_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_t = _sibling("test_skip")
+_t = sibling("test_skip")
 stack, groups, counts, batches = _t.stack, _t.groups, _t.counts, _t.batches
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-from typing import Any
-
 import pytest
 import torch
+from tests.conftest import sibling
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -106,14 +103,6 @@ def test_bad_warmups_are_refused() -> None:
 # ---------------------------------------------------------------- in the trainers
 
 
-def _sibling(name: str) -> Any:
-    """Another test module of this folder (its small models and trainers)."""
-    spec = importlib.util.spec_from_file_location(f"_lf_{name}", pathlib.Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 class _StepLrs:
     """The lrs each optimizer step used (a pre-hook made after the Freezer's)."""
@@ -131,7 +120,7 @@ class _StepLrs:
 
 def test_hf_trainer_warms_up_and_resumes_mid_warmup(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    hf = _sibling("test_transformers_callback")
+    hf = sibling("test_transformers_callback")
     _args, _data, _model = hf._args, hf._data, hf._model
 
     from layerfreeze.transformers import LayerFreezeCallback
@@ -170,7 +159,7 @@ def test_hf_trainer_warms_up_and_resumes_mid_warmup(tmp_path) -> None:
 
 def test_lightning_warms_up_and_resumes(tmp_path) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    lt = _sibling("test_lightning")
+    lt = sibling("test_lightning")
     Module, _loader, _trainer = lt.Module, lt._loader, lt._trainer
 
     from layerfreeze.lightning import LayerFreeze
