@@ -78,3 +78,15 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         info["layerfreeze_commit"] = None
     return info
+
+
+def save_figure(fig: Any, path: str | Path, comparable: bool = True) -> None:
+    """Lay out, write (110 dpi) and close a matplotlib figure; a ``--quick`` run's
+    figure says in its title that it is not comparable with the goals."""
+    import matplotlib.pyplot as plt
+
+    if not comparable:
+        fig.suptitle("--quick: not comparable with the goals", color="#c33")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -57,7 +57,7 @@ from torch import nn
 import layerfreeze as lf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
+from _results import OUT, machine_tag, mark, out_stem, save_figure, say_if_quick  # noqa: E402
 
 MODES = ("floor", "cached", "frozen", "full")
 WORDS = (
@@ -362,9 +362,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[1].set_title("peak memory")
     else:
         axes[1].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset
 import layerfreeze as lf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_info, machine_tag, mark, out_stem  # noqa: E402
+from _results import OUT, machine_info, machine_tag, mark, out_stem, save_figure  # noqa: E402
 
 MODES = ("vanilla", "floor", "cached", "frozen", "full")
 COLORS = {"vanilla": "#48c", "floor": "#888", "cached": "#2a7", "frozen": "#d84", "full": "#c33"}
@@ -428,11 +428,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_title(f"cache hits, MB held (floor's unpadded features: {cache['floor_feature_bytes'] / 1e6:.1f} MB)")
     for x, rate, held in zip(epochs, cache["hit_rate_per_epoch"], cache["bytes_held_per_epoch"], strict=True):
         axes[1].text(x, 1.02, f"{100 * rate:.0f}%\n{held / 1e6:.1f} MB", ha="center", va="bottom", fontsize=8)
-    if not result["comparable"]:
-        fig.suptitle("--quick: not comparable with the goals", color="#c33")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, result["comparable"])
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -92,7 +92,7 @@ import layerfreeze as lf
 from layerfreeze.demos.encoder import Classifier, docstring_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_info, machine_tag, mark, out_stem, say_if_quick  # noqa: E402
+from _results import OUT, machine_info, machine_tag, mark, out_stem, save_figure, say_if_quick  # noqa: E402
 
 MODES = ("full", "progressive", "progressive_cached", "adaptive", "adaptive_cached", "floor")
 CACHED = {"progressive_cached": "progressive", "adaptive_cached": "adaptive"}
@@ -607,11 +607,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title("per phase against the hand-made floor", fontsize=10)
     else:
         ax.axis("off")
-    if not result["comparable"]:
-        fig.suptitle("--quick: not comparable with the goals", color="#c33")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, result["comparable"])
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -270,3 +270,16 @@ def sibling(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def gloo_exit(q: Any, out: dict[str, Any]) -> None:
+    """End a gloo worker: hand ``out`` to the parent, flush the queue, then leave
+    together and at once (torch's CPU build can abort in its own teardown otherwise)."""
+    import torch.distributed as dist
+
+    q.put(out)
+    q.close()
+    q.join_thread()
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)

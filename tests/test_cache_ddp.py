@@ -10,13 +10,13 @@ scenario's results and on the files the ranks left on disk.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from tests.conftest import gloo_exit
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -147,12 +147,7 @@ def _worker(rank: int, port: int, q: Any, train_path: str, pre_path: str) -> Non
         out["precompute"] = _precompute(rank, pre_path)
     except Exception as e:  # report instead of hanging the parent
         out["crash"] = repr(e)
-    q.put(out)
-    q.close()
-    q.join_thread()
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    gloo_exit(q, out)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ the same training done unsharded on the whole batch.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from tests.conftest import Mlp
+from tests.conftest import Mlp, gloo_exit
 from torch import nn
 
 import layerfreeze as lf
@@ -90,12 +89,7 @@ def _worker(rank: int, port: int, q: Any) -> None:
             )
     except Exception as e:  # report instead of hanging the parent
         out["crash"] = repr(e)
-    q.put(out)
-    q.close()
-    q.join_thread()
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    gloo_exit(q, out)
 
 
 @pytest.fixture(scope="module")
