@@ -339,3 +339,53 @@ def test_refresh_after_a_deliberate_edit_drops_the_cached_features_of_the_old_we
     out = model.encoder(xs[1])  # not served since the last deep check: would be a stale hit
     assert model.encoder.stats().misses == misses + 4
     torch.testing.assert_close(out, fresh(model.encoder, xs[1]), **TOL)
+
+
+# --------------------------------------------------------------------------- the deep check's fingerprint
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from layerfreeze.feature_cache.validity import fingerprints  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(1, 20_000), dtype=st.sampled_from(DTYPES), where=st.floats(0, 1, exclude_max=True),
+       bit=st.integers(0, 62), seed=st.integers(0, 2**16))
+def test_the_deep_check_sees_any_single_bit_change(numel, dtype, where, bit, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(numel, generator=g) * 50).to(dtype)
+    other = torch.randn(3, 5, generator=g)
+    before = fingerprints([other, t])
+    assert torch.equal(fingerprints([other, t.clone()]), before)  # same values, same fingerprint
+    i = int(where * numel)
+    bits = t.data.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    bits[i] ^= 1 << (bit % (8 * t.element_size() - 1))  # an edit through .data: no version counter moves
+    assert not torch.equal(fingerprints([other, t]), before), f"element {i} of {numel} ({dtype})"
+
+
+@settings(max_examples=30, deadline=None)
+@given(numel=st.integers(2, 4096 * 2), i=st.integers(0, 10**6), j=st.integers(0, 10**6))
+def test_the_deep_check_sees_swaps_in_small_tensors_and_across_rows(numel, i, j):
+    t = torch.arange(numel, dtype=torch.float32)  # distinct values
+    i, j = i % numel, j % numel
+    if i == j or t[i] == t[j]:
+        return
+    per_word = 2 if numel % 2 == 0 else 1  # float32 read as 64-bit words when the storage allows
+    words_i, words_j = i // per_word, j // per_word
+    small = numel // per_word <= 4096
+    if not small and (words_i // 128 == words_j // 128):
+        return  # a swap within one row of a large tensor: not promised
+    before = fingerprints([t])
+    t[[i, j]] = t[[j, i]]
+    assert not torch.equal(fingerprints([t]), before)
+
+
+def test_the_deep_check_reads_channels_last_storage_in_place():
+    w = torch.randn(8, 16, 3, 3).to(memory_format=torch.channels_last)
+    before = fingerprints([w])
+    w.data[0, 1, 0, 0] += 1  # a view's edit of the real storage
+    assert not torch.equal(fingerprints([w]), before)
+    assert torch.equal(fingerprints([w.clone(memory_format=torch.channels_last)]), fingerprints([w]))

@@ -177,6 +177,13 @@ class _FeatureCache(_FirstCheck):
             stack.extend(c for c in m._modules.values() if c is not None)
         return tuple(token), tuple(hooks), unsafe
 
+    def _fingerprints(self) -> torch.Tensor:
+        return fingerprints(self._tensors())
+
+    def _remember(self, keys: list[bytes]) -> None:
+        """Note the samples of a call: one seen again makes the next deep check due."""
+        self._seen.update(keys)
+
     def _tensors(self) -> list[torch.Tensor]:
         m = self.module
         return [t for _, t in m.named_parameters()] + [t for _, t in m.named_buffers()]
@@ -234,7 +241,7 @@ class _FeatureCache(_FirstCheck):
         if self._token != token:
             self.invalidate(token)
             return False
-        now = fingerprints(self._tensors())
+        now = self._fingerprints()
         struct = structure_digest(self.module, self.base)
         if self._prints is not None and (not torch.equal(now, self._prints) or struct != self._struct):
             log.info("cached module changed in place (weights through .data, or its configuration): cache dropped")
@@ -320,7 +327,7 @@ class _FeatureCache(_FirstCheck):
             # a sample seen again since the last check: an epoch has passed, check the weights' content
             self.verify()
             self._seen.clear()
-        self._seen.update(keys)
+        self._remember(keys)
 
         found = self._lookup(keys)
         miss = [i for i, f in enumerate(found) if f is None]
@@ -433,7 +440,7 @@ class _FeatureCache(_FirstCheck):
 
     def _store(self, layout: _Layout, keys: list[bytes], rows: list[torch.Tensor], counts: list[int]) -> None:
         if self._prints is None:
-            self._prints = fingerprints(self._tensors())
+            self._prints = self._fingerprints()
         lid = layout.ident()
         keys, rows, counts = _first_of_each(layout, keys, rows, counts)
         done = 0

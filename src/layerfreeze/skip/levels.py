@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
 from ..feature_cache.api import cache_config
 from ..feature_cache.call import _FeatureCache
+from ..feature_cache.validity import fingerprints
 
 if TYPE_CHECKING:
     from .party import SkipParty
@@ -202,6 +203,17 @@ class _LevelCache(_FeatureCache):
         party = self._party()
         if party is not None:
             party._note(f"{self.name}: {reason}; computed, not stored")
+
+    def _fingerprints(self) -> torch.Tensor:
+        # levels share the bottom of their prefix: within one forward, each tensor is read once
+        party = self._party()
+        return fingerprints(self._tensors(), party._memo if party is not None else None)
+
+    def _remember(self, keys: list[bytes]) -> None:
+        # the proof's samples come again in the same batch: not a revisit
+        party = self._party()
+        if party is None or not party._proving:
+            super()._remember(keys)
 
 
 class _Level:

@@ -80,6 +80,10 @@ class SkipParty:
         self._trace_handles: list[Any] = []
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
+        #: while the proof looks samples up (they are looked up again right after)
+        self._proving = False
+        #: fingerprints read during the current forward (no value moves within one), else None
+        self._memo: dict[int, list[torch.Tensor]] | None = None
         self._arm()
 
     @property
@@ -386,6 +390,13 @@ class SkipParty:
     def _pre(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._stack:  # a forward this party runs itself
             return None
+        self._memo = {}
+        try:
+            return self._start(m, args, kwargs)
+        finally:
+            self._memo = None
+
+    def _start(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plain = self._strip(args, kwargs)
         if self._entry is None and m is self.model and self._trace_handles and self._something_frozen():
             self._trace(*plain)  # else nothing can be skipped yet: this forward itself is learnt

@@ -166,7 +166,11 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
             finally:
                 party._stack.pop()
         with _untouched(model):
-            plan.out = party._lookup(level, args, kwargs)
+            party._proving = True
+            try:
+                plan.out = party._lookup(level, args, kwargs)
+            finally:
+                party._proving = False
             handles = _watch(party, level, plan, readers)
             party._stack.append(plan)
             try:
