@@ -64,7 +64,7 @@ outputs the cache serves; without that, two runs drift apart by float32
 rounding alone. So ``progressive``'s accuracy follows ``progressive_cached``'s
 by construction; ``adaptive`` and ``adaptive_cached`` train independently.
 
-Run:  PYTHONPATH=src python benchmarks/skip_frozen.py [--quick] [--threads N] [--modes a,b] [--out DIR]
+Run:  PYTHONPATH=src python benchmarks/skip_frozen.py [--quick] [--threads N] [--modes a,b] [--guard N] [--out DIR]
 Writes DIR/skip_frozen-<machine>-<YYYYMMDD>.json and .png (DIR: benchmarks/out, ignored by git).
 """
 
@@ -117,6 +117,7 @@ class Size:
     batch: int
     epochs: int
     embeddings: str = "with-layer-0"  # or "from-start"
+    guard: int = 1  # the Freezer modes' guard: check every this many steps; 0: guard=False
 
 
 # 455 paragraphs (364 train, 91 test): 12 steps an epoch at batch 32. Cut at 48
@@ -280,7 +281,8 @@ class Run:
         if kind in ("progressive", "adaptive"):
             extra = {"cache": "memory"} if mode in CACHED else {}
             plan = schedule(kind, size.epochs, check_every, size.embeddings)
-            self.freezer = lf.Freezer(self.model, self.opt, plan, **extra)
+            guard: bool | int = size.guard if size.guard > 1 else bool(size.guard)
+            self.freezer = lf.Freezer(self.model, self.opt, plan, guard=guard, **extra)
         self.plan = schedule("progressive", size.epochs, check_every, size.embeddings)
         # the floor: the encoder as a chain of modules, of which the bottom ``b`` are frozen; the
         # boundary's outputs of every training sample, unpadded, end to end, plus one zero row
@@ -648,14 +650,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {FULL.batch})")
     p.add_argument("--embeddings", choices=("with-layer-0", "from-start"), default=None,
                    help="the embeddings freeze with layer 0's group (default) or are frozen from the start")
+    p.add_argument("--guard", type=int, default=None,
+                   help="the Freezer modes' guard checks every N steps (default 1; 0: guard=False); "
+                        "with N != 1 the file name ends in -guardN")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
     p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
-    size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("per_module", "seq", "batch", "epochs", "embeddings")
+    size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("per_module", "seq", "batch", "epochs", "embeddings", "guard")
                                        if getattr(args, k) is not None}})
+    if size.guard < 0:
+        p.error(f"--guard must be 0 (off) or a positive step interval, got {size.guard}")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -683,6 +690,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"warning: {msg[:300]}", file=sys.stderr)
     mark(result, args.quick)
     stem = out_stem(out, "skip_frozen", args.machine or machine_tag(device))
+    if size.guard != 1:
+        stem = stem.with_name(f"{stem.name}-guard{size.guard}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print_table(result)
@@ -813,6 +822,9 @@ def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool)
             "progressive": f"progressive_freeze(start={START}, end={END}, total_epochs={size.epochs}, mode='eval')",
             "adaptive": f"adaptive_freeze(check_every={check_every}, percentile=50, min_trainable=1, mode='eval')",
             "cache": "Freezer(..., cache='memory')",
+            "guard": ("Freezer(..., guard=True): every frozen weight checked after every optimizer step (the "
+                      "default)" if size.guard == 1 else "Freezer(..., guard=False)" if size.guard == 0 else
+                      f"Freezer(..., guard={size.guard}): frozen weights checked every {size.guard} steps"),
             "optimizer": f"AdamW, encoder lr {ENCODER_LR}, head lr {HEAD_LR}, default weight decay",
             "padding": "each batch padded to its longest sample, reshuffled every epoch, the same batches for all",
             "interleaved": True,
