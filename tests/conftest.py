@@ -12,12 +12,17 @@
   ``[1]``, the usual model of the schedule and lr tests.
 - ``tiny_bert``: a randomly initialised ``transformers.BertModel`` from a
   small ``BertConfig`` (no download).
+- ``roundtrip(obj, how)``: ``obj`` through ``copy.deepcopy``, ``pickle`` or
+  ``torch.save``/``torch.load``.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
 import os
+import pickle
 import socket
 import sys
 from collections.abc import Callable
@@ -283,3 +288,15 @@ def gloo_exit(q: Any, out: dict[str, Any]) -> None:
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+def roundtrip(obj: Any, how: str) -> Any:
+    """``obj`` through ``"deepcopy"``, ``"pickle"`` or ``"torch.save"`` (then ``torch.load``)."""
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from tests.conftest import Encoder
+from tests.conftest import Encoder, roundtrip
 from torch import nn
 
 import layerfreeze as lf
@@ -660,3 +660,23 @@ def test_a_recorded_change_vetoes_the_next_freeze_change(net, monkeypatch) -> No
     with pytest.raises(lf.FrozenParameterChanged, match="fc2.bias. First seen by the check after optimizer step 7"):
         fz.freeze("fc3")
     assert net.fc3.weight.requires_grad  # the freeze did not happen
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_managed_model_saved_whole_is_a_plain_copy_that_cannot_touch_the_freezer(how):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1))
+    fz = lf.Freezer(model, torch.optim.SGD(model.parameters(), lr=0.1), lf.Schedule().freeze("0", mode="eval"))
+    fz.set_epoch(0)
+    model.train()
+    twin = roundtrip(model, how)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b) and a.requires_grad == b.requires_grad, name
+    assert not twin[0].training  # the snapshot keeps the eval hold
+    # a frozen weight of the original moves (a bug); loading into the copy must not make the
+    # original's guard accept it
+    with torch.no_grad():
+        model[0].weight.data[0, 0] += 1.0
+    twin.load_state_dict(twin.state_dict())
+    with pytest.raises(lf.FrozenParameterChanged, match="0.weight"):
+        fz.check()

@@ -302,6 +302,119 @@ def test_a_hook_on_a_prefix_module_is_not_skipped_and_says_why(xy):
     assert not st.skipping and "remove them" in st.reason
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_skipping_model_saved_whole_loads_as_a_plain_model(xy, how):
+    from tests.conftest import roundtrip
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, _ = xy
+    sched = lf.Schedule().freeze(["[0]", "[2]"], mode="eval")
+    fz = lf.Freezer(net, schedule=sched, cache=True)
+    fz.set_epoch(0)
+    net(x)
+    net(x)
+    assert fz.skip_stats().skipping
+    twin = roundtrip(net, how)
+    ran = []
+    twin[0].register_forward_hook(lambda m, a, out: ran.append(out.shape[0]))
+    torch.testing.assert_close(twin(x), net(x), atol=1e-6, rtol=1e-5)
+    assert ran == [len(x)]  # the copy runs its whole forward, once
+    hits = fz.skip_stats().hits
+    net(x)
+    assert fz.skip_stats().hits == hits + len(x)  # the original still skips
+    ran.clear()
+    twin[0]._forward_hooks.clear()
+    fz2 = lf.Freezer(twin, schedule=copy.deepcopy(sched), cache=True)  # a Freezer of its own skips on the copy
+    fz2.set_epoch(0)
+    twin(x)
+    twin(x)
+    assert fz2.skip_stats().skipping and fz2.skip_stats().hits >= len(x)
+
+
+def test_threads_forwarding_one_skipping_model_each_get_their_own_outputs():
+    import sys
+    import threading
+
+    torch.manual_seed(0)
+    net = stack(width=16)
+    x = torch.randn(64, 5)
+    ref = copy.deepcopy(net)
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:3], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    with torch.no_grad():
+        net(x)
+        net(x)
+        assert fz.skip_stats().skipping
+        parts = list(x.split(4))
+        expected = [ref(b) for b in parts]
+    wrong: list[int] = []
+    failed: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(k: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                for r in range(40):
+                    i = (k * 5 + r) % len(parts)
+                    if not torch.allclose(net(parts[i]), expected[i], atol=1e-5, rtol=1e-4):
+                        wrong.append(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failed, failed[0]
+    assert not wrong, f"{len(wrong)} of 160 forwards got another batch's rows"
+    assert fz.skip_stats().skipping
+
+
+def test_the_order_is_learnt_from_one_thread_when_several_start_at_once():
+    import threading
+
+    torch.manual_seed(0)
+    net = stack(width=16)
+    x = torch.randn(32, 5)
+    ref = copy.deepcopy(net)
+    fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:3], from_epoch=1, mode="eval"), cache=True)
+    fz.set_epoch(0)  # nothing frozen: the first forward is learnt as it runs
+    start = threading.Barrier(4)
+    failed: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                for _ in range(5):
+                    net(x[k * 8:(k + 1) * 8])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed, failed[0]
+    fz.set_epoch(1)
+    with torch.no_grad():
+        net(x)
+        before = counts(net)
+        out = net(x.flip(0))
+    assert fz.skip_stats().skipping and fz.skip_stats().module == "4"
+    assert counts(net)[:3] == before[:3]
+    torch.testing.assert_close(out, ref(x.flip(0)), atol=1e-5, rtol=1e-4)
+
+
 def test_a_copy_made_before_the_first_forward_runs_plainly(xy):
     net = stack()
     x, _ = xy

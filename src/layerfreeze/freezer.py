@@ -32,6 +32,7 @@ from .core import Change, Mode, Transition, apply_change, subscribe
 from .errors import ArgumentError, ArgumentTypeError, StateDictError
 from .guard import Guard, GuardListener
 from .holds import check_mode, holds_for, kept_in_eval, releases_for
+from .hooks import ModelHook
 from .lrsched import check_lr, check_scheduler, scheduled_by_unknown, unwrap_optimizer, unwrap_scheduler
 from .optim import OptimizerSync
 from .rules import AdaptiveFreezeRule, AdaptiveStats, PlateauUnfreezeRule, as_int, as_number
@@ -265,7 +266,7 @@ class Freezer:
             if guard is not None:
                 guard.refresh()
 
-        self._load_hook = self.module.register_load_state_dict_post_hook(loaded)
+        self._load_hook = self.module.register_load_state_dict_post_hook(ModelHook(loaded))
         weakref.finalize(self, self._load_hook.remove)
         # DDP must learn each new trainable set and ranks must agree on it;
         # nothing is attached for a model that is not distributed.

@@ -82,8 +82,10 @@ def _parts(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _code_digest(fn: Any) -> bytes:
-    """A digest of a function's code, following ``__wrapped__`` (decorators)."""
-    got = _CODE_DIGESTS.get(fn)
+    """A digest of a function's code, following ``__wrapped__`` (decorators); a
+    callable object is read as its class's ``__call__``. The same code gives the
+    same digest in every process (a disk store is found again by it)."""
+    got = _CODE_DIGESTS.get(fn) if isinstance(fn, types.FunctionType) else None
     if got is not None:
         return got
     h = hashlib.blake2b(digest_size=16)
@@ -92,6 +94,10 @@ def _code_digest(fn: Any) -> bytes:
     while f is not None and seen < 8:
         f = getattr(f, "__func__", f)
         code = getattr(f, "__code__", None)
+        if not isinstance(code, types.CodeType) and not isinstance(f, type):
+            call = next((c.__dict__["__call__"] for c in type(f).__mro__ if "__call__" in c.__dict__), None)
+            code = getattr(call, "__code__", None)
+            h.update(f"{type(f).__module__}.{type(f).__qualname__}".encode())
         if isinstance(code, types.CodeType):
             h.update(marshal.dumps(code))
         else:
@@ -99,10 +105,8 @@ def _code_digest(fn: Any) -> bytes:
         f = getattr(f, "__wrapped__", None)
         seen += 1
     got = h.digest()
-    try:
+    if isinstance(fn, types.FunctionType):  # only functions: a bound method or an object holds its module
         _CODE_DIGESTS[fn] = got
-    except TypeError:
-        pass
     return got
 
 

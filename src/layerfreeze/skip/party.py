@@ -4,7 +4,7 @@ stored output and placeholders during a forward (see :mod:`layerfreeze.skip`).""
 from __future__ import annotations
 
 import itertools
-import types
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -15,6 +15,7 @@ from torch import nn
 from ..core import Change
 from ..feature_cache.call import _positional_names
 from ..feature_cache.layout import _flatten, _unflatten
+from ..hooks import ModelHook, inert
 from ..rules import _roots
 from ..selectors import ModelIndex
 from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
@@ -22,13 +23,26 @@ from .proof import _dims, _leaves, _untouched, prove
 
 __all__ = ["SkipParty"]
 
-def _skip_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The instance ``forward`` of a prefix module: asks its party what to do."""
-    ref = _WRAPPED.get(self)
-    party = ref() if ref is not None else None
-    if party is None:
-        return type(self).forward(self, *args, **kwargs)
-    return party._module_call(self, args, kwargs)
+class _SkipForward:
+    """The instance ``forward`` of a prefix module: asks its party what to do. In a
+    copy of the model (``copy.deepcopy``, ``torch.save``) it belongs to no party and
+    runs the class's own forward."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.module
+        ref = _WRAPPED.get(m)
+        party = ref() if ref is not None else None
+        if party is None:
+            return type(m).forward(m, *args, **kwargs)
+        return party._module_call(m, args, kwargs)
+
+    def __reduce__(self) -> Any:
+        return (_SkipForward, (self.module,))
 
 
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -55,7 +69,7 @@ class SkipParty:
         >>> _ = net(x)          # learns the order, proves the boundary on x, stores
         >>> _ = net(x.flip(0))  # served from the store
         >>> st = fz.skip_stats(); (st.module, st.skipping, st.misses, st.hits)
-        ('2', True, 6, 10)
+        ('2', True, 6, 8)
     """
 
     def __init__(self, model: nn.Module, schedule: Any, config: dict[str, Any]) -> None:
@@ -63,7 +77,9 @@ class SkipParty:
         self.schedule = schedule
         self.config = config
         self._positional: list[str] = []
-        self._stack: list[_Plan] = []
+        # each thread's forwards have their own plans; decisions and lookups take the lock
+        self._local = threading.local()
+        self._lock = threading.RLock()
         self._levels: dict[str, _Level] = {}
         self._active: _Level | None = None
         self._cand: _Candidate | None = None
@@ -80,10 +96,6 @@ class SkipParty:
         self._trace_handles: list[Any] = []
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
-        #: while the proof looks samples up (they are looked up again right after)
-        self._proving = False
-        #: fingerprints read during the current forward (no value moves within one), else None
-        self._memo: dict[int, list[torch.Tensor]] | None = None
         self._arm()
 
     @property
@@ -91,6 +103,33 @@ class SkipParty:
         m = self._model()
         assert m is not None
         return m
+
+    # what one thread's forward is doing
+    @property
+    def _stack(self) -> list[_Plan]:
+        """The plans of this thread's forwards in progress (the party's own forwards nest)."""
+        stack: list[_Plan] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    @property
+    def _proving(self) -> bool:
+        """Whether the proof is looking samples up now (they are looked up again right after)."""
+        return bool(getattr(self._local, "proving", False))
+
+    @_proving.setter
+    def _proving(self, value: bool) -> None:
+        self._local.proving = value
+
+    @property
+    def _memo(self) -> dict[int, list[torch.Tensor]] | None:
+        """Fingerprints read during this forward's lookup (no value moves within one), else None."""
+        return getattr(self._local, "memo", None)
+
+    @_memo.setter
+    def _memo(self, value: dict[int, list[torch.Tensor]] | None) -> None:
+        self._local.memo = value
 
     # ---------------------------------------------------------------- the road
 
@@ -115,7 +154,7 @@ class SkipParty:
         self._trace_handles.clear()
         for ref in self._wrapped:
             m = ref()
-            if m is not None and m.__dict__.get("forward") is not None:
+            if m is not None and isinstance(m.__dict__.get("forward"), _SkipForward):
                 del m.__dict__["forward"]
                 _WRAPPED.pop(m, None)
         self._wrapped.clear()
@@ -166,12 +205,17 @@ class SkipParty:
         me = weakref.ref(self)
         entry: list[Any] = []
         done: list[bool] = []
+        owner: list[int] = []  # the thread whose forward is learnt (others run as they are)
         padding = self.config["padding"]
 
         # both take their kwargs as optional: a hook removed while a call runs is
         # still called for that call, without them
         def pre(m: nn.Module, args: Any, kwargs: Any = None) -> None:
             if done or id(m) not in names:  # a copy of the model made before its first forward
+                return
+            if not owner:
+                owner.append(threading.get_ident())
+            if owner[0] != threading.get_ident():
                 return
             if not stack and not entry:
                 entry.append((m, _dims(args, kwargs or {}, padding)))
@@ -180,7 +224,7 @@ class SkipParty:
                 calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
 
         def post(m: nn.Module, args: Any, *rest: Any) -> None:
-            if done or not stack or id(m) not in names:
+            if done or not stack or id(m) not in names or owner[0] != threading.get_ident():
                 return
             out = rest[-1]
             c = calls[stack.pop()]
@@ -198,8 +242,8 @@ class SkipParty:
 
         self._watch_entry(model)
         for m in model.modules():
-            self._trace_handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            self._trace_handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+            self._trace_handles.append(m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
+            self._trace_handles.append(m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
 
     def _watch_entry(self, module: nn.Module) -> None:
         me = weakref.ref(self)
@@ -213,8 +257,8 @@ class SkipParty:
             if party is not None and party._stack and party._stack[-1].outer and party._stack[-1].entry is m:
                 party._stack.pop()
 
-        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self._handles.append(module.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
 
     def _learnt(self, entry: tuple[nn.Module, tuple[int, int | None]], calls: list[_Call],
                 outs: dict[str, tuple[Any, list[Any]]]) -> None:
@@ -288,10 +332,11 @@ class SkipParty:
         modules = dict(self.model.named_modules())
         for top in [*before, cand.b]:
             for n, m in modules[top].named_modules(prefix=top):
-                if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+                if any(h is not inert for d in hooks for h in d.values()):  # inert: left in a copy
                     return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
                 own = m.__dict__.get("forward")
-                if own is not None and not (isinstance(own, types.MethodType) and own.__func__ is _skip_forward):
+                if own is not None and not isinstance(own, _SkipForward):
                     return f"{n} has an instance forward; the Freezer skips only modules without one"
                 if m.training and _mode_matters(m):
                     return (f"{n} ({type(m).__name__}) is in training mode (dropout or batch statistics stay on with "
@@ -361,7 +406,7 @@ class SkipParty:
         for n in names:
             m = modules[n]
             if m not in _WRAPPED:
-                m.__dict__["forward"] = types.MethodType(_skip_forward, m)
+                m.__dict__["forward"] = _SkipForward(m)
                 _WRAPPED[m] = weakref.ref(self)
                 self._wrapped.append(weakref.ref(m))
 
@@ -390,11 +435,12 @@ class SkipParty:
     def _pre(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._stack:  # a forward this party runs itself
             return None
-        self._memo = {}
-        try:
-            return self._start(m, args, kwargs)
-        finally:
-            self._memo = None
+        with self._lock:
+            self._memo = {}
+            try:
+                return self._start(m, args, kwargs)
+            finally:
+                self._memo = None
 
     def _start(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plain = self._strip(args, kwargs)

@@ -1,0 +1,54 @@
+"""What layerfreeze installs on a user's model, made safe to copy and pickle.
+
+A :class:`~layerfreeze.Freezer` puts hooks on the model (a ``load_state_dict``
+post-hook; with ``cache=``, forward hooks and instance forwards of the skipped
+modules). Closures would make ``torch.save(model)`` and ``pickle`` fail, and a
+``copy.deepcopy`` of the model would keep calling into the original's Freezer.
+Wrapped in :class:`ModelHook`, a hook pickles and copies as an inert one: the
+copy is a plain model, unmanaged until a Freezer of its own takes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ModelHook", "inert"]
+
+
+def inert(*args: Any, **kwargs: Any) -> None:
+    """A hook that does nothing: what a :class:`ModelHook` becomes in a copy."""
+    return None
+
+
+class ModelHook:
+    """A hook of layerfreeze on a user's module; a copy or an unpickled model gets :func:`inert`.
+
+    Args:
+        fn: the hook (any callable; it usually holds its owner weakly).
+
+    Example:
+        >>> import copy, torch, torch.nn as nn
+        >>> calls = []
+        >>> m = nn.Linear(2, 2)
+        >>> _ = m.register_forward_pre_hook(ModelHook(lambda mod, args: calls.append(1)))
+        >>> twin = copy.deepcopy(m)
+        >>> _ = m(torch.zeros(1, 2)); _ = twin(torch.zeros(1, 2))
+        >>> len(calls)
+        1
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        return (_inert_hook, ())
+
+
+def _inert_hook() -> Callable[..., None]:
+    return inert
