@@ -14,6 +14,7 @@
   small ``BertConfig`` (no download).
 - ``roundtrip(obj, how)``: ``obj`` through ``copy.deepcopy``, ``pickle`` or
   ``torch.save``/``torch.load``.
+- ``run_threads(work, n)``: ``work(k)`` in ``n`` threads started together.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -300,3 +302,32 @@ def roundtrip(obj: Any, how: str) -> Any:
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+def run_threads(work: Callable[[int], None], n: int = 4, *, switch: float | None = None) -> None:
+    """Run ``work(k)`` for ``k`` in ``range(n)``, each in its own thread, all
+    released at once; re-raise the first error a thread raised. ``switch``: the
+    interpreter's thread switch interval meanwhile (small: more interleaving)."""
+    start = threading.Barrier(n)
+    failed: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            start.wait()
+            work(k)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failed.append(e)
+
+    interval = sys.getswitchinterval()
+    if switch is not None:
+        sys.setswitchinterval(switch)
+    try:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if failed:
+        raise failed[0]

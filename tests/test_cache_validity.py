@@ -3,11 +3,11 @@
 import copy
 import io
 import pickle
-import threading
 import warnings
 
 import pytest
 import torch
+from tests.conftest import run_threads
 from torch import nn
 
 import layerfreeze as lf
@@ -147,11 +147,7 @@ def test_threads_calling_one_cache_get_their_own_rows():
             if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
                 errors.append(k)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(work)
     assert not errors
     s = cached.stats()
     assert s.hits + s.misses == 4 * 30 * 7 and s.entries <= 160

@@ -333,8 +333,7 @@ def test_a_skipping_model_saved_whole_loads_as_a_plain_model(xy, how):
 
 
 def test_threads_forwarding_one_skipping_model_each_get_their_own_outputs():
-    import sys
-    import threading
+    from tests.conftest import run_threads
 
     torch.manual_seed(0)
     net = stack(width=16)
@@ -349,37 +348,21 @@ def test_threads_forwarding_one_skipping_model_each_get_their_own_outputs():
         parts = list(x.split(4))
         expected = [ref(b) for b in parts]
     wrong: list[int] = []
-    failed: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def work(k: int) -> None:
-        try:
-            start.wait()
-            with torch.no_grad():
-                for r in range(40):
-                    i = (k * 5 + r) % len(parts)
-                    if not torch.allclose(net(parts[i]), expected[i], atol=1e-5, rtol=1e-4):
-                        wrong.append(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            failed.append(e)
+        with torch.no_grad():
+            for r in range(40):
+                i = (k * 5 + r) % len(parts)
+                if not torch.allclose(net(parts[i]), expected[i], atol=1e-5, rtol=1e-4):
+                    wrong.append(i)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible
-    try:
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    assert not failed, failed[0]
+    run_threads(work, switch=1e-6)  # switch threads as often as possible
     assert not wrong, f"{len(wrong)} of 160 forwards got another batch's rows"
     assert fz.skip_stats().skipping
 
 
 def test_the_order_is_learnt_from_one_thread_when_several_start_at_once():
-    import threading
+    from tests.conftest import run_threads
 
     torch.manual_seed(0)
     net = stack(width=16)
@@ -387,24 +370,13 @@ def test_the_order_is_learnt_from_one_thread_when_several_start_at_once():
     ref = copy.deepcopy(net)
     fz = lf.Freezer(net, schedule=lf.Schedule().freeze(groups()[:3], from_epoch=1, mode="eval"), cache=True)
     fz.set_epoch(0)  # nothing frozen: the first forward is learnt as it runs
-    start = threading.Barrier(4)
-    failed: list[BaseException] = []
 
     def work(k: int) -> None:
-        try:
-            start.wait()
-            with torch.no_grad():
-                for _ in range(5):
-                    net(x[k * 8:(k + 1) * 8])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            failed.append(e)
+        with torch.no_grad():
+            for _ in range(5):
+                net(x[k * 8:(k + 1) * 8])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failed, failed[0]
+    run_threads(work)
     fz.set_epoch(1)
     with torch.no_grad():
         net(x)
