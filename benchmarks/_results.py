@@ -9,6 +9,7 @@ hand on purpose, so a run never overwrites them. A ``--quick`` run is marked
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 OUT = Path(__file__).resolve().parent / "out"
+RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_NOTE = "quick run: figures are NOT comparable with the goals or the committed results"
 
 
@@ -33,9 +35,26 @@ def machine_tag(device: str | torch.device = "cpu") -> str:
     return re.sub(r"[^a-z0-9]+", "", known.group(1)) if known else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def out_stem(out_dir: str | Path, name: str, machine: str) -> Path:
-    """``out_dir/<name>-<machine>-<YYYYMMDD>`` (no suffix); creates ``out_dir``."""
-    out = Path(out_dir)
+def out_dir(arg: str | Path) -> Path:
+    """The ``--out`` folder, refused when it is ``benchmarks/results`` or inside it."""
+    out = Path(arg).resolve()
+    results = RESULTS.resolve()
+    if out == results or results in out.parents:
+        raise SystemExit(f"--out {arg} is inside {results}: committed figures are copied there on purpose "
+                         "from an out folder; pass another --out (default benchmarks/out)")
+    return out
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: ``--threads``, ``--out`` and ``--machine``."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
+    p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
+
+
+def out_stem(out_dir_: str | Path, name: str, machine: str) -> Path:
+    """``out_dir/<name>-<machine>-<YYYYMMDD>`` (no suffix); creates ``out_dir`` (never the committed results)."""
+    out = out_dir(out_dir_)
     out.mkdir(parents=True, exist_ok=True)
     return out / f"{name}-{machine}-{datetime.date.today():%Y%m%d}"
 

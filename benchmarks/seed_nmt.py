@@ -67,11 +67,10 @@ from torch.utils.data import DataLoader, Dataset
 import layerfreeze as lf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_info, machine_tag, mark, out_stem, save_figure  # noqa: E402
+from _results import add_output_args, machine_info, machine_tag, mark, out_dir, out_stem, save_figure  # noqa: E402
 
 MODES = ("vanilla", "floor", "cached", "frozen", "full")
 COLORS = {"vanilla": "#48c", "floor": "#888", "cached": "#2a7", "frozen": "#d84", "full": "#c33"}
-HERE = Path(__file__).resolve().parent
 PAD, BOS, EOS = 0, 1, 2  # target specials; the source uses MiniLM's own [PAD]/[CLS]/[SEP]
 MIN_TOKENS, MAX_TOKENS = 8, 48
 # The loss check: before every step the frozen model takes the cached model's
@@ -447,15 +446,6 @@ def print_table(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def out_dir(arg: str) -> Path:
-    out = Path(arg).resolve()
-    results = (HERE / "results").resolve()
-    if out == results or results in out.parents:
-        raise SystemExit(f"--out {arg} is inside {results}: committed figures are copied there on purpose "
-                         "from an out folder; pass another --out (default benchmarks/out)")
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -464,9 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="tiny sizes; figures not comparable with the goals")
     p.add_argument("--pairs", type=int, default=None, help=f"sentence pairs (default {FULL.pairs})")
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {FULL.batch})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
-    p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
+    add_output_args(p)
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("pairs", "batch", "epochs")

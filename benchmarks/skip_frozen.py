@@ -92,13 +92,21 @@ import layerfreeze as lf
 from layerfreeze.demos.encoder import Classifier, docstring_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import OUT, machine_info, machine_tag, mark, out_stem, save_figure, say_if_quick  # noqa: E402
+from _results import (  # noqa: E402
+    add_output_args,
+    machine_info,
+    machine_tag,
+    mark,
+    out_dir,
+    out_stem,
+    save_figure,
+    say_if_quick,
+)
 
 MODES = ("full", "progressive", "progressive_cached", "adaptive", "adaptive_cached", "floor")
 CACHED = {"progressive_cached": "progressive", "adaptive_cached": "adaptive"}
 COLORS = {"full": "#c33", "progressive": "#d84", "progressive_cached": "#2a7", "adaptive": "#a6c",
           "adaptive_cached": "#48c", "floor": "#888"}
-HERE = Path(__file__).resolve().parent
 LAYERS = "encoder.encoder.layer"
 EMBEDDINGS = "encoder.embeddings"
 START, END = 0.1, 0.5  # progressive_freeze: the bottom layer freezes at 10% of the run, the top one at 50%
@@ -631,15 +639,6 @@ def print_table(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def out_dir(arg: str) -> Path:
-    out = Path(arg).resolve()
-    results = (HERE / "results").resolve()
-    if out == results or results in out.parents:
-        raise SystemExit(f"--out {arg} is inside {results}: committed figures are copied there on purpose "
-                         "from an out folder; pass another --out (default benchmarks/out)")
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -654,9 +653,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the Freezer modes' guard checks every N steps (default 1; 0: guard=False); "
                         "with N != 1 the file name ends in -guardN")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--out", default=str(OUT), metavar="DIR", help="where to write (default: benchmarks/out/)")
-    p.add_argument("--machine", default=None, help="machine name in the file name (default: cpu<threads> or the GPU)")
+    add_output_args(p)
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     size = Size(**{**base.__dict__, **{k: getattr(args, k) for k in ("per_module", "seq", "batch", "epochs", "embeddings", "guard")

@@ -51,13 +51,21 @@ def test_benchmarks_default_to_the_ignored_out_folder():
     assert ignored.returncode == 0
     for script in ("guard_overhead.py", "frozen_encoder.py", "seed_nmt.py", "skip_frozen.py"):
         text = (ROOT / "benchmarks" / script).read_text()
-        assert "default=OUT" in text or "default=str(OUT)" in text, script
+        assert "default=OUT" in text or "default=str(OUT)" in text or "add_output_args(p)" in text, script
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import _results
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert _results.OUT == ROOT / "benchmarks" / "out"
+    import argparse
+
+    p = argparse.ArgumentParser()
+    _results.add_output_args(p)
+    assert Path(p.parse_args([]).out) == _results.OUT
+    for inside in (_results.RESULTS, _results.RESULTS / "sub"):  # every script names its files through out_stem
+        with pytest.raises(SystemExit, match="inside"):
+            _results.out_stem(inside, "x", "cpu1")
 
 
 def _skip_frozen():
