@@ -5,9 +5,9 @@ check here runs when the cache is first filled, when a sample is looked up
 again since the last deep check (so at least once per epoch), every
 ``verify_every`` calls and on ``verify_cache()``: an exact fingerprint of every
 parameter and buffer (:func:`fingerprints`, which catches edits through
-``.data`` that no version counter sees) and a digest of the module tree: each submodule's name and class, its plain configuration
-attributes (numbers, strings, flags, dtypes, functions by name) and the code
-of its ``forward``.
+``.data`` that no version counter sees) and a digest of the module tree: each
+submodule's name and class, its plain configuration attributes (numbers,
+strings, flags, dtypes, functions by name) and the code of its ``forward``.
 """
 
 from __future__ import annotations
