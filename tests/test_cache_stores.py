@@ -64,6 +64,27 @@ def test_damaged_bytes_are_a_miss(tmp_path, caplog):
     assert "damaged or truncated" in caplog.text
 
 
+def test_a_damaged_layout_file_is_rewritten_and_the_store_heals(tmp_path, caplog):
+    # a damaged layout file made every later run compute and store nothing, for good
+    x = torch.randn(10, 6)
+    d, smp = filled(tmp_path, x)
+    (layout,) = list(d.glob("*.json"))
+    layout.write_bytes(bytes(b ^ 0x5A for b in layout.read_bytes()))
+    with open(smp, "r+b") as f:  # and one sample's bytes
+        f.seek(3 * 12 + 1)
+        b = f.read(1)
+        f.seek(3 * 12 + 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    second = reopened(tmp_path)
+    torch.testing.assert_close(second(x), reference(x))
+    assert "unreadable layout" in caplog.text
+    assert second.stats().misses == 10 and second.stats().entries == 10
+    third = reopened(tmp_path)
+    y = x[torch.randperm(10)]
+    torch.testing.assert_close(third(y), reference(y))
+    assert third.stats().hits == 10 and third.stats().misses == 0
+
+
 def test_damaged_index_record_is_ignored(tmp_path):
     x = torch.randn(10, 6)
     d, _ = filled(tmp_path, x)

@@ -13,7 +13,10 @@ records commit to, so a killed writer leaves rows nobody points at (cut by
 the next writer) or a torn last record (ignored: too short or a bad CRC), never
 a record pointing at rows that are not there. Integrity: each record's CRC is
 checked when it is read and each sample's bytes the first time this process
-serves them; a mismatch is a miss.
+serves them; a mismatch is a miss, and the sample is written again. A layout
+file that cannot be read is rewritten by the next write of that layout (its
+name is a hash of its content), and the records that point at it count again,
+so a damaged store heals instead of computing everything from then on.
 
 Sharing: writers take an exclusive ``fcntl`` lock on ``lock`` (where fcntl
 exists), re-read the index, and skip samples another process has already
@@ -59,6 +62,7 @@ class _DiskStore:
         self.index: dict[bytes, tuple[str, int, int, int]] = {}  # key -> layout, slot, token offset, tokens
         self.crc: dict[bytes, int] = {}
         self.checked: set[bytes] = set()
+        self.damaged: set[tuple[bytes, str, int, int, int, int]] = set()  # records whose rows failed their CRC
         self.layouts: dict[str, _Layout] = {}
         self.bad_layouts: set[str] = set()
         self.ends: dict[str, list[int]] = {}  # committed [token rows, sample rows] per layout
@@ -94,7 +98,7 @@ class _DiskStore:
     def _widths(layout: _Layout) -> tuple[int, int]:
         return sum(layout.token_bytes), sum(layout.sample_bytes)
 
-    def _layout(self, lid: str) -> _Layout | None:
+    def _layout(self, lid: str, quiet: bool = False) -> _Layout | None:
         if lid in self.layouts:
             return self.layouts[lid]
         if lid in self.bad_layouts:
@@ -105,7 +109,9 @@ class _DiskStore:
             if layout.ident() != lid:
                 raise ValueError("its content does not match its name")
         except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError) as e:
-            log.warning("layerfreeze cache: ignoring unreadable layout %s in %s: %s", lid, self.dir, e)
+            if not quiet:
+                log.warning("layerfreeze cache: ignoring unreadable layout %s in %s (the next write of "
+                            "this layout rewrites it): %s", lid, self.dir, e)
             self.bad_layouts.add(lid)
             return None
         self.layouts[lid] = layout
@@ -132,6 +138,8 @@ class _DiskStore:
                 log.warning("layerfreeze cache: skipping a damaged index record in %s", self.dir)
                 continue
             lid = lid_b.decode("ascii", "replace")
+            if (key, lid, slot, tok, ntok, crc) in self.damaged:
+                continue
             layout = self._layout(lid)
             if layout is None:
                 continue
@@ -183,23 +191,27 @@ class _DiskStore:
         sample's bytes are checked against their CRC the first time they are served."""
         if any(k not in self.index for k in keys):
             self.reload()
-        out: list[tuple[str, int, int, int] | None] = []
-        for k in keys:
-            got = self.index.get(k)
-            if got is not None and k not in self.checked:
-                parts = self._bytes_of(k)
-                crc = 0
-                for p in parts or ():
-                    crc = zlib.crc32(_buffer(p), crc)
-                if parts is None or crc != self.crc[k]:
-                    log.warning("layerfreeze cache: a stored sample in %s is damaged or truncated; recomputing it",
-                                self.dir)
-                    del self.index[k]
-                    got = None
-                else:
-                    self.checked.add(k)
-            out.append(got)
-        return out
+        return [self.index.get(k) if self._intact(k) else None for k in keys]
+
+    def _intact(self, key: bytes) -> bool:
+        """Whether ``key`` is stored with the bytes its record's CRC names (checked once
+        per process); a damaged sample is forgotten, so that it is computed and written again."""
+        got = self.index.get(key)
+        if got is None:
+            return False
+        if key in self.checked:
+            return True
+        parts = self._bytes_of(key)
+        crc = 0
+        for p in parts or ():
+            crc = zlib.crc32(_buffer(p), crc)
+        if parts is None or crc != self.crc[key]:
+            log.warning("layerfreeze cache: a stored sample in %s is damaged or truncated; recomputing it", self.dir)
+            self.damaged.add((key, *got, self.crc[key]))
+            del self.index[key]
+            return False
+        self.checked.add(key)
+        return True
 
     def put(self, lid: str, layout: _Layout, keys: list[bytes], rows: list[torch.Tensor], counts: list[int]) -> int:
         """Append samples (see :meth:`_MemoryStore.put` for ``rows``); returns how
@@ -217,19 +229,24 @@ class _DiskStore:
         with self._locked():
             self.reload()
             if lid not in self.layouts:
-                if not os.path.exists(self._path(lid + ".json")):
+                # missing, or unreadable (damaged): the name is the content's hash, so
+                # the right content is known and rows already written under it stay valid
+                self.bad_layouts.discard(lid)
+                if self._layout(lid, quiet=True) is None:
                     tmp = self._path(f".{lid}.json.{os.getpid()}.tmp")
                     with open(tmp, "w") as f:
                         json.dump(layout.to_json(), f)
                     os.replace(tmp, self._path(lid + ".json"))
-                self.bad_layouts.discard(lid)
+                    self.bad_layouts.discard(lid)
                 if self._layout(lid) is None:
                     return 0
+                self._pos = 0  # records skipped while the layout was unreadable count again
+                self.reload()
             ends = self.ends[lid]
             todo = []
             total = self.nbytes
             for i, k in enumerate(keys):
-                if k in self.index:
+                if self._intact(k):
                     continue
                 size = counts[i] * tw + sw
                 if self.budget is not None and total + size > self.budget:
