@@ -493,3 +493,100 @@ def test_key_ids_hit_and_never_reach_the_model(xy):
     torch.testing.assert_close(again, out.flip(0))
     # hits: the proof's rows found again by the first forward, then every sample
     assert fz.skip_stats().hits == PROOF_ROWS + len(x)
+
+
+class Body(nn.Module):
+    """A container with code of its own around its layers (as a BertModel has masks and a loop)."""
+
+    def __init__(self, depth: int = 3, extra: nn.Module | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Counted(5 if i == 0 else 8, 8) for i in range(depth)])
+        self.glue = Tally()
+        self._outside = [extra] if extra is not None else []  # called, but not in this module's tree
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.glue.n += 1
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        for m in self._outside:
+            x = m(x)
+        return x * 0.5
+
+
+class WithBody(nn.Module):
+    def __init__(self, extra: bool = False, spare: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.Identity()
+        self.body = Body(extra=self.norm if extra else None)
+        if spare:  # a parameter of the body that no group holds (a pooler the forward does not use)
+            self.body.spare = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_container_frozen_through_is_stored_whole_and_its_own_code_is_skipped(xy):
+    torch.manual_seed(0)
+    net = WithBody()
+    x, y = xy
+    sched = lf.Schedule().progressive_freeze("body.layers", start=0.25, end=0.75, total_epochs=4, mode="eval")
+    seen = []
+    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 5,
+                       each_epoch=lambda e, f: seen.append(f.skip_stats().module))
+    # while the top layer trains, the group's own module; then the whole body
+    assert seen == [None, "body.layers.0", "body.layers.1", "body", "body"]
+    st = fz.skip_stats()
+    assert st.boundary == "body.layers.2" and st.groups == 3 and st.skipping
+    glue = net.body.glue.n
+    for bx, _ in batches(x, y, 8, 9):
+        net(bx)
+    assert net.body.glue.n == glue  # the container's own forward did not run
+
+
+@pytest.mark.parametrize("why", ["a trainable parameter", "a call outside its tree"])
+def test_a_container_is_not_climbed_when_it_holds_more_than_the_prefix(xy, why):
+    torch.manual_seed(0)
+    net = WithBody(extra=why == "a call outside its tree", spare=why == "a trainable parameter")
+    x, y = xy
+    sched = lf.Schedule().freeze([f"body.layers.{i}" for i in range(3)], mode="eval")
+    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 2)
+    st = fz.skip_stats()
+    assert st.skipping and st.module == "body.layers.2" and st.hits > 0
+
+
+def test_a_refused_container_falls_back_to_the_groups_own_boundary(xy, monkeypatch):
+    from layerfreeze.skip import proof
+
+    real = proof._differ
+
+    def differ(full, skipped, plan, *rest):
+        return "forced for the test" if plan.serve.b == "body" else real(full, skipped, plan, *rest)
+
+    monkeypatch.setattr(proof, "_differ", differ)
+    torch.manual_seed(0)
+    net = WithBody()
+    x, y = xy
+    sched = lf.Schedule().freeze([f"body.layers.{i}" for i in range(3)], mode="eval")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 2)
+    assert any("not skipping up to body:" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    st = fz.skip_stats()
+    assert st.skipping and st.module == "body.layers.2" and st.hits > 0
+
+
+def test_a_refusal_whose_outputs_differ_says_why_once(xy, monkeypatch):
+    # a refusal named no reader: its warning was swallowed (its key was marked as warned first)
+    from layerfreeze.skip import proof
+
+    monkeypatch.setattr(proof, "_differ", lambda *a: "forced for the test")
+    torch.manual_seed(0)
+    net = stack()
+    x, y = xy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fz, _ = train_pair(net, lf.Schedule().freeze(groups(2), mode="eval"), lambda e: batches(x, y, 8, e), 2)
+    said = [str(w.message) for w in caught if "not skipping up to" in str(w.message)]
+    assert len(said) == 1 and "forced for the test" in said[0]
+    assert not fz.skip_stats().skipping and "forced for the test" in fz.skip_stats().reason

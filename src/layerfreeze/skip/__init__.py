@@ -18,6 +18,12 @@ How it decides and stays correct:
   trainable parameter, no module in training mode where that matters (dropout,
   batch statistics, a class whose ``forward`` reads ``self.training``) and no
   hooks. Otherwise nothing is skipped and :class:`SkipStats` says why.
+* **Climbing.** When a module around the boundary is frozen through and
+  through (every parameter, every module it calls, a ``BertModel`` once its
+  embeddings and every layer are frozen), the outermost such module below the
+  one the forward starts at stores its output instead, so its own code around
+  the layers (attention masks, the loop) is skipped too. If the proof refuses
+  it, the group's own boundary is tried next.
 * **The proof.** Before the first skip at a new boundary, the first samples of a batch
   (:data:`~layerfreeze.skip.proof.PROOF_ROWS`) run both
   ways (the full forward and the skipped one, from the same random state, with

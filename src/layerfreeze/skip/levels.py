@@ -3,6 +3,7 @@ of that tree), and the small records the party keeps (see :mod:`layerfreeze.skip
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,9 @@ class SkipStats:
     Attributes:
         boundary: the label of the highest frozen group whose output is stored
             (``"encoder.layer.2"``), or None.
-        module: the module whose output is stored (the group's last module).
+        module: the module whose output is stored: the group's last module, or
+            the outermost module around it that is frozen through and through
+            (``"bert.encoder"`` once every layer is frozen).
         groups: how many groups of that rule it covers, from the bottom (0: none).
         skipping: whether forwards skip the prefix now.
         reason: why not, when not skipping (None otherwise).
@@ -134,6 +137,7 @@ class _Candidate:
     count: int  # groups of its rule from the bottom, this one included
     b: str  # the boundary module
     params: list[str]  # parameters of those groups
+    group_b: str | None = None  # when climbed (see SkipParty._climb): the group's own boundary
 
 
 @dataclass
@@ -158,7 +162,10 @@ def _mode_matters(m: nn.Module) -> bool:
         return True
     if type(m).__module__.startswith("torch.nn."):
         return False
-    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    # the class's own code: decorators around it (transformers' read the flag for gradient
+    # checkpointing, which a frozen, skipped module never uses) are not read
+    forward = getattr(type(m), "forward", None)
+    code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None
     return code is not None and "training" in code.co_names
 
 

@@ -176,9 +176,11 @@ class SkipParty:
                          level is not None, None if level is not None else self._reason, self._hits,
                          self._misses, mem, disk, entries)
 
-    def _note(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
+    def _note(self, message: str, key: str | None = None) -> None:
+        """Warn once per ``key`` (the message itself by default)."""
+        key = message if key is None else key
+        if key not in self._warned:
+            self._warned.add(key)
             warnings.warn(f"layerfreeze: {message}", stacklevel=4)
 
     # ---------------------------------------------------------------- the order
@@ -359,7 +361,7 @@ class SkipParty:
         for i, c in enumerate(frozen):
             why = self._eligible(c)
             if why is None:
-                best = c
+                best = self._climb(c)
                 break
             if i == 0:
                 reason = why
@@ -388,6 +390,28 @@ class SkipParty:
             self._levels[best.b] = level
             self._wrap([*before, best.b])
         self._active, self._reason = self._levels[best.b], None
+
+    def _climb(self, cand: _Candidate) -> _Candidate:
+        """The outermost module around ``cand``'s boundary that is frozen through and
+        through (a ``BertModel`` once its embeddings and every layer are frozen): its
+        output is stored instead, so the code around the skipped layers (masks, the
+        loop over layers) is skipped too. It stops below the module the forward starts
+        at, a module whose forward calls one from outside its own tree, a module
+        :meth:`_eligible` refuses, and a boundary the proof refused."""
+        calls = self._calls
+        c = calls[self._first_calls()[cand.b]]
+        while c.parent is not None:
+            p = calls[c.parent]
+            if p.parent is None or p.name in self._refused:  # the forward's own module
+                break
+            inside = [x.name for x in calls if p.start < x.start and x.end < p.end]
+            if any(not x.startswith(p.name + ".") for x in inside):
+                break
+            up = _Candidate(cand.label, cand.count, p.name, cand.params, cand.group_b or cand.b)
+            if self._eligible(up) is not None:
+                break
+            cand, c = up, p
+        return cand
 
     def _trainable(self, cand: _Candidate) -> bool:
         """Whether some parameter of the candidate's groups is trainable."""

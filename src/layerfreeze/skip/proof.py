@@ -197,9 +197,9 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
                   "boundary does not carry (a connection around it); training goes on without skipping")
     party._refused[level.b] = reason
     party._active, party._reason = None, reason
-    if key not in party._warned:
-        party._warned.add(key)
-        party._note(reason)
+    if level.cand.group_b is not None:  # a climbed boundary: the group's own may still hold
+        party._dirty = True
+    party._note(reason, key)
     return False
 
 def _watch(party: SkipParty, level: _Level, plan: _Plan, readers: list[Any]) -> list[Any]:
