@@ -140,3 +140,46 @@ def test_skipping_under_torch_compile_trains_like_eager_without_it() -> None:
     st = fz.skip_stats()
     assert st.skipping and st.module == "2"
     assert hits[-1] - hits[-2] == 24  # the last epoch: every sample served from the store
+
+
+class _Encoder(nn.Module):
+    """A model class of the user's own (dynamo compiles its forward as a frame of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward() -> None:
+    """The party's hooks and the skipped modules' forwards run eagerly, outside dynamo's
+    tracing: traced, their state (locks, plans, stores) made dynamo recompile at almost
+    every forward (40 compilations in the first epoch of a 3-layer prefix), and each
+    compilation of a real backend takes seconds."""
+    import torch.nn.functional as F
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _Encoder()
+    x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
+    plan = lf.Schedule().progressive_freeze(["body.0", "body.2", "body.4"], start=0.0, end=0.5, total_epochs=4,
+                                            mode="eval")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt, plan, cache=True)
+    backend = CountingBackend()
+    compiled = torch.compile(net, backend=backend)
+    per_epoch = []
+    for epoch in range(4):
+        fz.set_epoch(epoch)
+        for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
+            opt.zero_grad()
+            F.cross_entropy(compiled(x[i]), y[i]).backward()
+            opt.step()
+        per_epoch.append(backend.compiles)
+    st = fz.skip_stats()
+    assert st.skipping and st.module == "body" and st.hits >= 24
+    assert 1 <= per_epoch[-1] <= 4, per_epoch  # the user's forward is compiled, a few times in all
+    torch._dynamo.reset()

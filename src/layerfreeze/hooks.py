@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 __all__ = ["ModelHook", "inert"]
 
 
@@ -43,7 +45,10 @@ class ModelHook:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # run eagerly under torch.compile: the hooks keep state (locks, thread-local
+        # plans, stores) that dynamo would guard on and recompile for at every call
         return self.fn(*args, **kwargs)
 
     def __reduce__(self) -> Any:

@@ -33,7 +33,8 @@ class _SkipForward:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    @torch.compiler.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # eager under torch.compile (see ModelHook)
         m = self.module
         ref = _WRAPPED.get(m)
         party = ref() if ref is not None else None
