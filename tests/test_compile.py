@@ -183,3 +183,38 @@ def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward(
     assert st.skipping and st.module == "body" and st.hits >= 24
     assert 1 <= per_epoch[-1] <= 4, per_epoch  # the user's forward is compiled, a few times in all
     torch._dynamo.reset()
+
+
+def test_skipping_under_the_default_compile_backend_trains_like_eager() -> None:
+    """With inductor (torch.compile's default), tracing the skipping hooks crashed in
+    AOT autograd ("setStorage: ... out of bounds") in the first epoch."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _Encoder()
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
+    plan = lf.Schedule().progressive_freeze(["body.0", "body.2", "body.4"], start=0.0, end=0.5, total_epochs=4,
+                                            mode="eval")
+    opt, ref_opt = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt, plan, cache=True)
+    ref_fz = lf.Freezer(ref, ref_opt, copy.deepcopy(plan))
+    compiled = torch.compile(net)
+    for epoch in range(4):
+        fz.set_epoch(epoch)
+        ref_fz.set_epoch(epoch)
+        for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            a, b = F.cross_entropy(compiled(x[i]), y[i]), F.cross_entropy(ref(x[i]), y[i])
+            a.backward()
+            b.backward()
+            opt.step()
+            ref_opt.step()
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    st = fz.skip_stats()
+    assert st.skipping and st.module == "body" and st.hits >= 24
+    torch._dynamo.reset()
