@@ -590,3 +590,40 @@ def test_a_refusal_whose_outputs_differ_says_why_once(xy, monkeypatch):
     said = [str(w.message) for w in caught if "not skipping up to" in str(w.message)]
     assert len(said) == 1 and "forced for the test" in said[0]
     assert not fz.skip_stats().skipping and "forced for the test" in fz.skip_stats().reason
+
+
+def _reads_training(forward):
+    """A decorator like transformers' (it reads ``self.training`` for gradient checkpointing)."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "gradient_checkpointing", False) and self.training:
+            raise AssertionError("not used here")
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedBody(Body):
+    @_reads_training
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ModalBody(Body):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * (0.9 if self.training else 1.0)
+
+
+@pytest.mark.parametrize("body, climbed", [(DecoratedBody, True), (ModalBody, False)])
+def test_a_container_in_training_mode_is_climbed_unless_its_own_forward_reads_the_mode(xy, body, climbed):
+    torch.manual_seed(0)
+    net = WithBody()
+    net.body = body()
+    x, y = xy
+    sched = lf.Schedule().freeze([f"body.layers.{i}" for i in range(3)], mode="eval")
+    fz, _ = train_pair(net, sched, lambda e: batches(x, y, 8, e), 2)  # train_pair's model is in training mode
+    st = fz.skip_stats()
+    assert net.body.training and st.skipping and st.hits > 0
+    assert st.module == ("body" if climbed else "body.layers.2")

@@ -165,7 +165,11 @@ def _mode_matters(m: nn.Module) -> bool:
     # the class's own code: decorators around it (transformers' read the flag for gradient
     # checkpointing, which a frozen, skipped module never uses) are not read
     forward = getattr(type(m), "forward", None)
-    code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None
+    try:
+        own = inspect.unwrap(forward) if callable(forward) else None
+    except ValueError:  # a cycle of __wrapped__
+        own = forward
+    code = getattr(own, "__code__", None)
     return code is not None and "training" in code.co_names
 
 
