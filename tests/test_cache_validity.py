@@ -385,3 +385,27 @@ def test_the_deep_check_reads_channels_last_storage_in_place():
     w.data[0, 1, 0, 0] += 1  # a view's edit of the real storage
     assert not torch.equal(fingerprints([w]), before)
     assert torch.equal(fingerprints([w.clone(memory_format=torch.channels_last)]), fingerprints([w]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3000), min_size=2, max_size=6), a=st.integers(0, 10**6), b=st.integers(0, 10**6),
+       whole=st.booleans())
+def test_the_deep_check_sees_swaps_between_small_tensors(sizes, a, b, whole):
+    # small tensors are summed together; each keeps its own row and column sums
+    ts = [torch.arange(n, dtype=torch.float32) + 10_000 * k for k, n in enumerate(sizes)]  # distinct values
+    before = fingerprints(ts)
+    assert torch.equal(fingerprints([t.clone() for t in ts]), before)
+    if whole:  # two tensors of one size trade their contents (their sums may be equal)
+        u = ts[0]
+        ts.append(u.flip(0).clone() if len(u) > 1 else u + 0.5)
+        before = fingerprints(ts)
+        kept = u.clone()
+        u.data.copy_(ts[-1])
+        ts[-1].data.copy_(kept)
+    else:
+        i, j = a % len(ts), b % len(ts)
+        p, q = a % sizes[i], b % sizes[j]
+        if i == j and p == q:
+            return
+        ts[i].data[p], ts[j].data[q] = ts[j][q].item(), ts[i][p].item()
+    assert not torch.equal(fingerprints(ts), before)

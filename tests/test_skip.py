@@ -171,11 +171,12 @@ def test_boundary_up_runs_only_the_new_group_once_per_sample(xy):
 
 def test_a_boundary_move_checks_the_weights_once_and_reads_each_weight_once(xy, monkeypatch):
     """The proof's samples come again in the same batch: no second deep check for them;
-    the new level's first fingerprint reuses what the level below read in the same forward."""
+    the new level's first fingerprint reuses what the level below read in the same forward
+    (large weights; small ones are summed together, in two kernels, at each read)."""
     from layerfreeze.feature_cache import call, validity
 
     torch.manual_seed(0)
-    net = stack()
+    net = stack(width=128)  # 128 x 128 weights: large enough to be read on their own
     x, y = xy
     sched = lf.Schedule().progressive_freeze(groups(), start=0.0, end=0.5, total_epochs=4, mode="eval")
     fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.05), sched, cache=True)
@@ -186,15 +187,16 @@ def test_a_boundary_move_checks_the_weights_once_and_reads_each_weight_once(xy, 
     assert fz.skip_stats().groups == 2
     checks: list[int] = []
     reads: list[int] = []
-    verify, parts = call._FeatureCache.verify, validity._parts
+    verify, large = call._FeatureCache.verify, validity._large
     monkeypatch.setattr(call._FeatureCache, "verify", lambda self: checks.append(1) or verify(self))
-    monkeypatch.setattr(validity, "_parts", lambda t: reads.append(id(t)) or parts(t))
+    monkeypatch.setattr(validity, "_large", lambda w: reads.append(w.data_ptr()) or large(w))
     fz.set_epoch(2)  # the boundary moves up one group
     net(batches(x, y, 8, 2)[0][0])
     assert fz.skip_stats().groups == 4
     # the level below: due once (its samples were seen last epoch); the new level: not yet
     assert len(checks) == 1
-    assert len(reads) == len(set(reads)) == len(list(net[:7].parameters()))
+    big = [p for p in net[:7].parameters() if p.numel() > 2 * validity._SMALL]
+    assert len(big) == 3 and len(reads) == len(set(reads)) == len(big)
 
 
 def test_a_batch_mixing_levels_runs_the_new_group_only_for_stored_samples(xy):

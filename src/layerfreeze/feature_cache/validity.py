@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from ..guard import _SMALL, _grid, _grid_print, _words
+from ..guard import _ROW, _SMALL, _grid, _words
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _CODE_DIGESTS: dict[Any, bytes] = {}
@@ -33,17 +34,18 @@ def fingerprints(tensors: list[torch.Tensor], memo: dict[int, list[torch.Tensor]
 
     The words of each tensor, read in memory order as the guard reads them
     (:mod:`layerfreeze.guard`), are laid out in rows of 128: the result holds
-    every row sum and the tail words; a tensor of at most 4096 words also
-    gets its column sums. One pass over the data (about 1.5x a plain sum, a
-    third of the guard's two-moment :func:`~layerfreeze.guard.fingerprint`),
-    and any changed value changes its row's sum, so an edit through ``.data``
-    is always seen. Values swapped between two rows change both sums; a swap
-    within one row of 128 words is seen in tensors of up to 4096 words only.
+    every row sum and the tail words; a tensor of at most 4096 words gets its
+    column sums too (its words zero-padded to whole rows; the small tensors of
+    one word type are summed together, one row block each, in two kernels).
+    One pass over the data (about a plain sum), and any changed value changes
+    its row's sum, so an edit through ``.data`` is always seen. Values swapped
+    between two rows change both sums; a swap within one row of 128 words is
+    seen in tensors of up to 4096 words only.
 
     Args:
         tensors: parameters and buffers, any dtype or layout.
-        memo: parts of tensors read earlier at the same moment, by ``id``
-            (read and filled); only for reads between which no value can move.
+        memo: the sums of large tensors read earlier at the same moment, by
+            ``id`` (read and filled); only for reads between which no value can move.
 
     Returns:
         A 1-D int64 tensor; two calls return equal tensors exactly when no
@@ -57,27 +59,49 @@ def fingerprints(tensors: list[torch.Tensor], memo: dict[int, list[torch.Tensor]
         >>> torch.equal(fingerprints([w]), before)
         False
     """
-    parts = [torch.tensor([len(tensors)], dtype=torch.int64)]
+    sizes = [len(tensors)]
+    small: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    parts: list[torch.Tensor] = []
     for t in tensors:
         got = memo.get(id(t)) if memo is not None else None
         if got is None:
-            got = _parts(t)
+            w = _words(t)[0]
+            n = w.numel()
+            if n <= _SMALL:
+                sizes.append(n)
+                small.setdefault((w.dtype, w.device), []).append(w)
+                continue
+            got = _large(w)
             if memo is not None:
                 memo[id(t)] = got
-        parts += got
-    return torch.cat(parts)
+        sizes.append(int(got[0]))
+        parts += got[1:]
+    for words in small.values():
+        parts.append(_small(words).cpu())
+    return torch.cat([torch.tensor(sizes, dtype=torch.int64), *parts])
 
 
-def _parts(t: torch.Tensor) -> list[torch.Tensor]:
-    w = _words(t)[0]
+def _small(words: list[torch.Tensor]) -> torch.Tensor:
+    """Row and column sums of each small tensor's words (of one type), zero-padded to
+    ``_SMALL`` words: ``[k, 32, 128]``, summed over each axis at once."""
+    block = pad_sequence([w.reshape(-1) for w in words], batch_first=True, padding_value=0)
+    rows = -(-block.shape[1] // _ROW)
+    if block.shape[1] != rows * _ROW:
+        block = torch.nn.functional.pad(block, (0, rows * _ROW - block.shape[1]))
+    grid = block.view(len(words), rows, _ROW)
+    return torch.cat([grid.sum(2, dtype=torch.int64).reshape(-1), grid.sum(1, dtype=torch.int64).reshape(-1)])
+
+
+def _large(w: torch.Tensor) -> list[torch.Tensor]:
+    """The word count of a large tensor (a 1-element tensor), its row sums and tail words."""
     n = w.numel()
     parts = [torch.tensor([n], dtype=torch.int64)]
-    if n <= _SMALL:
-        return [*parts, _grid_print(w).cpu()]
     # in slices (whole rows): a slice of narrow words widened to int64 stays small
     for i in range(0, n, _SLICE):
         head, tail = _grid(w[i : i + _SLICE])
-        parts += [head.sum(1, dtype=torch.int64).cpu(), tail.to(torch.int64).cpu()]
+        parts.append(head.sum(1, dtype=torch.int64).cpu())
+        if tail.numel():
+            parts.append(tail.to(torch.int64).cpu())
     return parts
 
 
