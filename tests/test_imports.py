@@ -66,3 +66,14 @@ def test_each_module_imports_first(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_importing_layerfreeze_does_not_load_dynamo() -> None:
+    # torch.compiler.disable loads torch._dynamo (seconds); the hooks take it only once it is needed
+    code = ("import sys, layerfreeze, torch; net = torch.nn.Linear(2, 2); "
+            "lf = layerfreeze; fz = lf.Freezer(net, schedule=lf.Schedule().freeze('weight'), cache=True); "
+            "net(torch.zeros(3, 2)); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

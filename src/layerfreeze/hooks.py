@@ -10,12 +10,13 @@ copy is a plain model, unmanaged until a Freezer of its own takes it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ModelHook", "inert"]
+__all__ = ["ModelHook", "eager", "inert", "prepare_eager"]
 
 
 def inert(*args: Any, **kwargs: Any) -> None:
@@ -45,10 +46,9 @@ class ModelHook:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # run eagerly under torch.compile: the hooks keep state (locks, thread-local
-        # plans, stores) that dynamo would guard on and recompile for at every call
+        if torch.compiler.is_compiling():  # see eager()
+            return eager()(self.fn, args, kwargs)
         return self.fn(*args, **kwargs)
 
     def __reduce__(self) -> Any:
@@ -57,3 +57,29 @@ class ModelHook:
 
 def _inert_hook() -> Callable[..., None]:
     return inert
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return fn(*args, **kwargs)
+
+
+_EAGER: list[Callable[..., Any]] = []
+
+
+def eager() -> Callable[..., Any]:
+    """``run(fn, args, kwargs)``, kept out of ``torch.compile``'s tracing.
+
+    layerfreeze's hooks keep state (locks, thread-local plans, stores) that dynamo
+    would guard on, recompiling at almost every call, so while it traces they run
+    through this, eagerly. It is made on first use (``torch.compiler.disable``
+    loads dynamo, which ``import layerfreeze`` does not) or by :func:`prepare_eager`.
+    """
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_run))
+    return _EAGER[0]
+
+
+def prepare_eager() -> None:
+    """Make :func:`eager` now if dynamo is loaded (so no trace has to make it)."""
+    if not _EAGER and "torch._dynamo" in sys.modules:
+        eager()

@@ -15,7 +15,7 @@ from torch import nn
 from ..core import Change
 from ..feature_cache.call import _positional_names
 from ..feature_cache.layout import _flatten, _unflatten
-from ..hooks import ModelHook, inert
+from ..hooks import ModelHook, eager, inert, prepare_eager
 from ..rules import _roots
 from ..selectors import ModelIndex
 from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
@@ -33,8 +33,12 @@ class _SkipForward:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    @torch.compiler.disable
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # eager under torch.compile (see ModelHook)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # run eagerly (see layerfreeze.hooks.eager)
+            return eager()(self._call, args, kwargs)
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         m = self.module
         ref = _WRAPPED.get(m)
         party = ref() if ref is not None else None
@@ -97,6 +101,7 @@ class SkipParty:
         self._trace_handles: list[Any] = []
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
+        prepare_eager()
         self._arm()
 
     @property
