@@ -218,3 +218,39 @@ def test_skipping_under_the_default_compile_backend_trains_like_eager() -> None:
     st = fz.skip_stats()
     assert st.skipping and st.module == "body" and st.hits >= 24
     torch._dynamo.reset()
+
+
+_FRESH = """
+import sys, torch, torch.nn.functional as F, layerfreeze as lf
+sys.path.insert(0, sys.argv[1])
+from tests.test_compile import CountingBackend, _Encoder
+assert "torch._dynamo" not in sys.modules
+torch.manual_seed(0)
+net = _Encoder()
+x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
+plan = lf.Schedule().progressive_freeze(["body.0", "body.2", "body.4"], start=0.0, end=0.5, total_epochs=4, mode="eval")
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+fz = lf.Freezer(net, opt, plan, cache=True)  # before dynamo is loaded: its eager runner is made mid-trace
+backend = CountingBackend()
+compiled = torch.compile(net, backend=backend)
+for epoch in range(4):
+    fz.set_epoch(epoch)
+    for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
+        opt.zero_grad()
+        F.cross_entropy(compiled(x[i]), y[i]).backward()
+        opt.step()
+print(backend.compiles, fz.skip_stats().module, fz.skip_stats().hits)
+"""
+
+
+def test_a_freezer_made_before_dynamo_is_loaded_compiles_a_few_graphs_too() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _FRESH, str(root)], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    compiles, module, hits = done.stdout.split()
+    assert 1 <= int(compiles) <= 4 and module == "body" and int(hits) >= 24, done.stdout
