@@ -95,8 +95,11 @@ class Freezer:
             of the schedule's rules are frozen in eval mode (embeddings, stems
             and everything else the forward runs before the first trainable
             group frozen too), the model starts from each sample's stored
-            output of the highest frozen group (see :mod:`layerfreeze.skip`
-            and :meth:`skip_stats`). The store choices of
+            output of the highest frozen group, or of the outermost module
+            around it that is frozen through and through (a ``BertModel`` once
+            every layer is; see :mod:`layerfreeze.skip` and :meth:`skip_stats`).
+            Under ``torch.compile`` the skipping runs eagerly, outside the
+            compiled graphs. The store choices of
             :func:`layerfreeze.cache`: ``True`` or ``"memory"``, or a dict of
             its keyword arguments (``{"store": "disk", "path": ...}``,
             ``max_bytes``, ``padding``, ``pad_value``, ``key``, ``dtype``).
