@@ -103,40 +103,48 @@ def test_plain_compiled_model_recompiles_on_requires_grad_flip() -> None:
     torch._dynamo.reset()
 
 
-def test_skipping_under_torch_compile_trains_like_eager_without_it() -> None:
-    """Freezer(cache=...) on a compiled model: the hooks and instance forwards of the
-    skipped prefix run (dynamo runs them eagerly where it cannot trace them) and every
-    step's loss is the uncached eager model's."""
+def _side_by_side(net: nn.Module, plan: lf.Schedule, compile_: Any, epochs: int) -> tuple[Any, list[int]]:
+    """Train ``net`` compiled with ``cache=True`` next to an eager copy without it; every
+    step's loss must agree. Returns the cached Freezer and its hits after each epoch."""
     import copy
-    import warnings
 
     import torch.nn.functional as F
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     ref = copy.deepcopy(net)
     x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
-    plan = lf.Schedule().progressive_freeze(["[0]", "[2]"], start=0.2, end=0.4, total_epochs=5, mode="eval")
     opt, ref_opt = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
     fz = lf.Freezer(net, opt, plan, cache=True)
     ref_fz = lf.Freezer(ref, ref_opt, copy.deepcopy(plan))
-    compiled = torch.compile(net, backend=CountingBackend())
+    compiled = compile_(net)
     hits = []
+    for epoch in range(epochs):
+        fz.set_epoch(epoch)
+        ref_fz.set_epoch(epoch)
+        for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            a, b = F.cross_entropy(compiled(x[i]), y[i]), F.cross_entropy(ref(x[i]), y[i])
+            a.backward()
+            b.backward()
+            opt.step()
+            ref_opt.step()
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        hits.append(fz.skip_stats().hits)
+    return fz, hits
+
+
+def test_skipping_under_torch_compile_trains_like_eager_without_it() -> None:
+    """Freezer(cache=...) on a compiled model: the hooks and instance forwards of the
+    skipped prefix run, and every
+    step's loss is the uncached eager model's (dynamo runs them eagerly: see the tests below)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    plan = lf.Schedule().progressive_freeze(["[0]", "[2]"], start=0.2, end=0.4, total_epochs=5, mode="eval")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dynamo's notes on what it runs eagerly
-        for epoch in range(5):
-            fz.set_epoch(epoch)
-            ref_fz.set_epoch(epoch)
-            for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
-                opt.zero_grad()
-                ref_opt.zero_grad()
-                a, b = F.cross_entropy(compiled(x[i]), y[i]), F.cross_entropy(ref(x[i]), y[i])
-                a.backward()
-                b.backward()
-                opt.step()
-                ref_opt.step()
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-            hits.append(fz.skip_stats().hits)
+        fz, hits = _side_by_side(net, plan, lambda m: torch.compile(m, backend=CountingBackend()), 5)
     st = fz.skip_stats()
     assert st.skipping and st.module == "2"
     assert hits[-1] - hits[-2] == 24  # the last epoch: every sample served from the store
@@ -188,33 +196,11 @@ def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward(
 def test_skipping_under_the_default_compile_backend_trains_like_eager() -> None:
     """With inductor (torch.compile's default), tracing the skipping hooks crashed in
     AOT autograd ("setStorage: ... out of bounds") in the first epoch."""
-    import copy
-
-    import torch.nn.functional as F
-
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = _Encoder()
-    ref = copy.deepcopy(net)
-    x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
     plan = lf.Schedule().progressive_freeze(["body.0", "body.2", "body.4"], start=0.0, end=0.5, total_epochs=4,
                                             mode="eval")
-    opt, ref_opt = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
-    fz = lf.Freezer(net, opt, plan, cache=True)
-    ref_fz = lf.Freezer(ref, ref_opt, copy.deepcopy(plan))
-    compiled = torch.compile(net)
-    for epoch in range(4):
-        fz.set_epoch(epoch)
-        ref_fz.set_epoch(epoch)
-        for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
-            opt.zero_grad()
-            ref_opt.zero_grad()
-            a, b = F.cross_entropy(compiled(x[i]), y[i]), F.cross_entropy(ref(x[i]), y[i])
-            a.backward()
-            b.backward()
-            opt.step()
-            ref_opt.step()
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    fz, _ = _side_by_side(_Encoder(), plan, torch.compile, 4)
     st = fz.skip_stats()
     assert st.skipping and st.module == "body" and st.hits >= 24
     torch._dynamo.reset()
