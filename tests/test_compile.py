@@ -162,14 +162,11 @@ class _Encoder(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
-def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward() -> None:
-    """The party's hooks and the skipped modules' forwards run eagerly, outside dynamo's
-    tracing: traced, their state (locks, plans, stores) made dynamo recompile at almost
-    every forward (40 compilations in the first epoch of a 3-layer prefix), and each
-    compilation of a real backend takes seconds."""
+def _count_compiles() -> tuple[list[int], Any]:
+    """A progressive plan over ``_Encoder``'s body with ``cache=True``, the Freezer made
+    before ``torch.compile`` (counting backend): compilations so far after each epoch, and the Freezer."""
     import torch.nn.functional as F
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     net = _Encoder()
     x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
@@ -187,6 +184,16 @@ def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward(
             F.cross_entropy(compiled(x[i]), y[i]).backward()
             opt.step()
         per_epoch.append(backend.compiles)
+    return per_epoch, fz
+
+
+def test_skipping_under_torch_compile_compiles_a_few_graphs_not_one_per_forward() -> None:
+    """The party's hooks and the skipped modules' forwards run eagerly, outside dynamo's
+    tracing: traced, their state (locks, plans, stores) made dynamo recompile at almost
+    every forward (61 compilations over these 4 epochs), and each compilation of a real
+    backend takes seconds."""
+    torch._dynamo.reset()
+    per_epoch, fz = _count_compiles()
     st = fz.skip_stats()
     assert st.skipping and st.module == "body" and st.hits >= 24
     assert 1 <= per_epoch[-1] <= 4, per_epoch  # the user's forward is compiled, a few times in all
@@ -207,25 +214,12 @@ def test_skipping_under_the_default_compile_backend_trains_like_eager() -> None:
 
 
 _FRESH = """
-import sys, torch, torch.nn.functional as F, layerfreeze as lf
+import sys
 sys.path.insert(0, sys.argv[1])
-from tests.test_compile import CountingBackend, _Encoder
-assert "torch._dynamo" not in sys.modules
-torch.manual_seed(0)
-net = _Encoder()
-x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
-plan = lf.Schedule().progressive_freeze(["body.0", "body.2", "body.4"], start=0.0, end=0.5, total_epochs=4, mode="eval")
-opt = torch.optim.SGD(net.parameters(), lr=0.1)
-fz = lf.Freezer(net, opt, plan, cache=True)  # before dynamo is loaded: its eager runner is made mid-trace
-backend = CountingBackend()
-compiled = torch.compile(net, backend=backend)
-for epoch in range(4):
-    fz.set_epoch(epoch)
-    for i in torch.randperm(24, generator=torch.Generator().manual_seed(epoch)).split(8):
-        opt.zero_grad()
-        F.cross_entropy(compiled(x[i]), y[i]).backward()
-        opt.step()
-print(backend.compiles, fz.skip_stats().module, fz.skip_stats().hits)
+from tests.test_compile import _count_compiles
+assert "torch._dynamo" not in sys.modules  # the Freezer's eager runner is made mid-trace
+per_epoch, fz = _count_compiles()
+print(per_epoch[-1], fz.skip_stats().module, fz.skip_stats().hits)
 """
 
 
