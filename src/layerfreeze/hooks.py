@@ -10,13 +10,12 @@ copy is a plain model, unmanaged until a Freezer of its own takes it.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ModelHook", "eager", "inert", "prepare_eager"]
+__all__ = ["ModelHook", "call_eagerly", "inert"]
 
 
 def inert(*args: Any, **kwargs: Any) -> None:
@@ -47,9 +46,7 @@ class ModelHook:
         self.fn = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # see eager()
-            return eager()(self.fn, args, kwargs)
-        return self.fn(*args, **kwargs)
+        return call_eagerly(self.fn, args, kwargs)
 
     def __reduce__(self) -> Any:
         return (_inert_hook, ())
@@ -66,20 +63,16 @@ def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) 
 _EAGER: list[Callable[..., Any]] = []
 
 
-def eager() -> Callable[..., Any]:
-    """``run(fn, args, kwargs)``, kept out of ``torch.compile``'s tracing.
+def call_eagerly(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)``; while ``torch.compile`` traces, outside the trace.
 
     layerfreeze's hooks keep state (locks, thread-local plans, stores) that dynamo
-    would guard on, recompiling at almost every call, so while it traces they run
-    through this, eagerly. It is made on first use (``torch.compiler.disable``
-    loads dynamo, which ``import layerfreeze`` does not) or by :func:`prepare_eager`.
+    would guard on, recompiling at almost every call, so under tracing they run
+    eagerly, through ``torch.compiler.disable``. That wrapper is made at the first
+    trace: making it loads dynamo, which ``import layerfreeze`` does not.
     """
+    if not torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
     if not _EAGER:
         _EAGER.append(torch.compiler.disable(_run))
-    return _EAGER[0]
-
-
-def prepare_eager() -> None:
-    """Make :func:`eager` now if dynamo is loaded (so no trace has to make it)."""
-    if not _EAGER and "torch._dynamo" in sys.modules:
-        eager()
+    return _EAGER[0](fn, args, kwargs)

@@ -238,10 +238,10 @@ class _DiskStore:
                         json.dump(layout.to_json(), f)
                     os.replace(tmp, self._path(lid + ".json"))
                     self.bad_layouts.discard(lid)
-                if self._layout(lid) is None:
-                    return 0
-                self._pos = 0  # records skipped while the layout was unreadable count again
-                self.reload()
+                    if self._layout(lid) is None:
+                        return 0
+                    self._pos = 0  # records skipped while it was unreadable count again
+                    self.reload()
             ends = self.ends[lid]
             todo = []
             total = self.nbytes

@@ -29,7 +29,8 @@ _CODE_DIGESTS: dict[Any, bytes] = {}
 _SLICE = 1 << 20
 
 
-def fingerprints(tensors: list[torch.Tensor], memo: dict[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+def fingerprints(tensors: list[torch.Tensor], memo: dict[int, tuple[int, list[torch.Tensor]]] | None = None,
+                 ) -> torch.Tensor:
     """Exact integer sums of each tensor's storage, concatenated, on the CPU.
 
     The words of each tensor, read in memory order as the guard reads them
@@ -44,8 +45,9 @@ def fingerprints(tensors: list[torch.Tensor], memo: dict[int, list[torch.Tensor]
 
     Args:
         tensors: parameters and buffers, any dtype or layout.
-        memo: the sums of large tensors read earlier at the same moment, by
-            ``id`` (read and filled); only for reads between which no value can move.
+        memo: the word counts and sums of large tensors read earlier at the same
+            moment, by ``id`` (read and filled); only for reads between which no
+            value can move.
 
     Returns:
         A 1-D int64 tensor; two calls return equal tensors exactly when no
@@ -71,19 +73,19 @@ def fingerprints(tensors: list[torch.Tensor], memo: dict[int, list[torch.Tensor]
                 sizes.append(n)
                 small.setdefault((w.dtype, w.device), []).append(w)
                 continue
-            got = _large(w)
+            got = n, _large(w)
             if memo is not None:
                 memo[id(t)] = got
-        sizes.append(int(got[0]))
-        parts += got[1:]
+        sizes.append(got[0])
+        parts += got[1]
     for words in small.values():
         parts.append(_small(words).cpu())
     return torch.cat([torch.tensor(sizes, dtype=torch.int64), *parts])
 
 
 def _small(words: list[torch.Tensor]) -> torch.Tensor:
-    """Row and column sums of each small tensor's words (of one type), zero-padded to
-    ``_SMALL`` words: ``[k, 32, 128]``, summed over each axis at once."""
+    """Row and column sums of each small tensor's words (of one type): the ``k`` tensors
+    zero-padded to the longest one's whole rows, ``[k, rows, 128]``, summed over each axis at once."""
     block = pad_sequence([w.reshape(-1) for w in words], batch_first=True, padding_value=0)
     rows = -(-block.shape[1] // _ROW)
     if block.shape[1] != rows * _ROW:
@@ -93,9 +95,9 @@ def _small(words: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _large(w: torch.Tensor) -> list[torch.Tensor]:
-    """The word count of a large tensor (a 1-element tensor), its row sums and tail words."""
+    """A large tensor's row sums and tail words."""
     n = w.numel()
-    parts = [torch.tensor([n], dtype=torch.int64)]
+    parts = []
     # in slices (whole rows): a slice of narrow words widened to int64 stays small
     for i in range(0, n, _SLICE):
         head, tail = _grid(w[i : i + _SLICE])

@@ -15,7 +15,7 @@ from torch import nn
 from ..core import Change
 from ..feature_cache.call import _positional_names
 from ..feature_cache.layout import _flatten, _unflatten
-from ..hooks import ModelHook, eager, inert, prepare_eager
+from ..hooks import ModelHook, call_eagerly, inert
 from ..rules import _roots
 from ..selectors import ModelIndex
 from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
@@ -34,9 +34,7 @@ class _SkipForward:
         self.module = module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # run eagerly (see layerfreeze.hooks.eager)
-            return eager()(self._call, args, kwargs)
-        return self._call(*args, **kwargs)
+        return call_eagerly(self._call, args, kwargs)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         m = self.module
@@ -101,7 +99,6 @@ class SkipParty:
         self._trace_handles: list[Any] = []
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
-        prepare_eager()
         self._arm()
 
     @property
@@ -129,12 +126,12 @@ class SkipParty:
         self._local.proving = value
 
     @property
-    def _memo(self) -> dict[int, list[torch.Tensor]] | None:
+    def _memo(self) -> dict[int, tuple[int, list[torch.Tensor]]] | None:
         """Fingerprints read during this forward's lookup (no value moves within one), else None."""
         return getattr(self._local, "memo", None)
 
     @_memo.setter
-    def _memo(self, value: dict[int, list[torch.Tensor]] | None) -> None:
+    def _memo(self, value: dict[int, tuple[int, list[torch.Tensor]]] | None) -> None:
         self._local.memo = value
 
     # ---------------------------------------------------------------- the road
