@@ -458,6 +458,12 @@ class _FeatureCache(_FirstCheck):
         """The batch's output: stored rows for hits, computed rows for misses; in a
         padded batch, positions outside each sample's real span hold zeros."""
         size = batch.size
+        if padded and not miss and self.memory is not None and all(f[0] == "m" for f in found):
+            assert batch.length is not None
+            lid = found[0][1]
+            outs = self.memory.padded(lid, [f[2] for f in found], [f[3] for f in found], [f[4] for f in found],
+                                      batch.starts, batch.length, device)
+            return _moved(_rebuild(self.memory.layouts[lid], outs), 0, self.batch_dim)
         hit = [i for i in range(size) if found[i] is not None]
         parts: list[torch.Tensor] | None = None
         if hit:

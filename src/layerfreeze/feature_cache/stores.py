@@ -3,7 +3,8 @@
 Each output layout has one buffer per leaf: per-token leaves hold the real
 tokens of every sample back to back (a sample is an offset and a token count),
 per-sample leaves hold one row per sample. A warm batch is then one
-``index_select`` per leaf.
+``index_select`` per leaf: a per-token leaf's buffer ends with one row of
+zeros, which the padded positions of a batch read (:meth:`_MemoryStore.padded`).
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ class _MemoryStore:
         caps = [0, 0]
         if bufs is not None:
             for b, t in zip(bufs, layout.token, strict=True):
-                caps[int(not t)] = b.shape[0]
+                caps[int(not t)] = b.shape[0] - int(t)  # a token buffer's last row is the zero row
         if need[0] <= caps[0] and need[1] <= caps[1]:
             return True
         tb, sb = sum(layout.token_bytes), sum(layout.sample_bytes)
 
         def extra(new: list[int]) -> int:
-            return (new[0] - caps[0]) * tb + (new[1] - caps[1]) * sb
+            zero_row = tb if bufs is None else 0
+            return (new[0] - caps[0]) * tb + (new[1] - caps[1]) * sb + zero_row
 
         new = [max(need[k], 2 * caps[k], _MIN_ROWS) if need[k] > caps[k] else caps[k] for k in (0, 1)]
         if self.budget is not None and self.nbytes + extra(new) > self.budget:
@@ -100,9 +102,11 @@ class _MemoryStore:
             if bufs is not None and new[k] == caps[k]:
                 grown.append(bufs[j])
                 continue
-            b = self._alloc((new[k], *shape), dtype)
+            b = self._alloc((new[k] + int(t), *shape), dtype)
             if bufs is not None and used[k]:
                 b[:used[k]].copy_(bufs[j][:used[k]])
+            if t:
+                b[-1].zero_()
             grown.append(b)
         self.nbytes += extra(new)
         self.bufs[lid] = grown
@@ -160,5 +164,37 @@ class _MemoryStore:
                 got = dst.to(device, non_blocking=True)
             else:
                 got = buf.index_select(0, idx).to(device)
+            out.append(got if got.dtype == dtype else got.to(dtype))
+        return out
+
+    def padded(self, lid: str, slots: list[int], offsets: list[int], counts: list[int], starts: list[int],
+               length: int, device: torch.device) -> list[torch.Tensor]:
+        """Per leaf: the samples' outputs as a padded batch (zeros outside each
+        sample's real span ``starts[i] .. starts[i] + counts[i]``; ``[n, length, ...]``)
+        for a per-token leaf, their sample rows otherwise. One ``index_select`` per leaf."""
+        layout = self.layouts[lid]
+        bufs = self.bufs[lid]
+        assert self.device is not None
+        sidx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        tidx = None
+        if any(layout.token):
+            zero = next(b for b, t in zip(bufs, layout.token, strict=True) if t).shape[0] - 1
+            pos = torch.arange(length, device=self.device)
+            start = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None]
+            count = torch.tensor(counts, dtype=torch.long, device=self.device)[:, None]
+            base = torch.tensor(offsets, dtype=torch.long, device=self.device)[:, None] - start
+            tidx = torch.where((pos >= start) & (pos < start + count), base + pos, zero).view(-1)
+        out = []
+        for buf, t, dtype in zip(bufs, layout.token, layout.dtypes, strict=True):
+            idx = tidx if t else sidx
+            assert idx is not None
+            shape = (len(slots), length, *buf.shape[1:]) if t else (len(slots), *buf.shape[1:])
+            if self.pin:
+                dst = torch.empty((idx.shape[0], *buf.shape[1:]), dtype=buf.dtype, pin_memory=True)
+                torch.index_select(buf, 0, idx, out=dst)
+                got = dst.to(device, non_blocking=True)
+            else:
+                got = buf.index_select(0, idx).to(device)
+            got = got.view(shape)
             out.append(got if got.dtype == dtype else got.to(dtype))
         return out
