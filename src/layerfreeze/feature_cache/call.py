@@ -180,6 +180,9 @@ class _FeatureCache(_FirstCheck):
     def _fingerprints(self) -> torch.Tensor:
         return fingerprints(self._tensors())
 
+    def _structure(self) -> str:
+        return structure_digest(self.module, self.base)
+
     def _remember(self, keys: list[bytes]) -> None:
         """Note the samples of a call: one seen again makes the next deep check due."""
         self._seen.update(keys)
@@ -221,7 +224,7 @@ class _FeatureCache(_FirstCheck):
         self.sigs.clear()
         self._flags.clear()
         self._seen.clear()
-        struct = structure_digest(self.module, self.base)
+        struct = self._structure()
         if self.disk is not None:
             if self._tmp is not None and self.disk.dir is not None:
                 shutil.rmtree(self.disk.dir, ignore_errors=True)
@@ -242,7 +245,7 @@ class _FeatureCache(_FirstCheck):
             self.invalidate(token)
             return False
         now = self._fingerprints()
-        struct = structure_digest(self.module, self.base)
+        struct = self._structure()
         if self._prints is not None and (not torch.equal(now, self._prints) or struct != self._struct):
             log.info("cached module changed in place (weights through .data, or its configuration): cache dropped")
             self.invalidate(token)

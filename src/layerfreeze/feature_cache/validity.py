@@ -156,10 +156,17 @@ def structure_digest(module: nn.Module, base: type) -> str:
         own = m.__dict__.get("forward")
         if own is not None:
             h.update(_code_digest(own))
-        for k in sorted(m.__dict__):
-            if k.startswith("_") or k == "training":
-                continue
-            v = _plain(m.__dict__[k])
-            if v is not None:
-                h.update(f"{k}={v!r};".encode())
+        h.update(own_config(m).encode())
     return h.hexdigest()
+
+
+def own_config(m: nn.Module) -> str:
+    """A module's own plain configuration attributes (not its submodules'), as text."""
+    out = []
+    for k in sorted(m.__dict__):
+        if k.startswith("_") or k == "training":
+            continue
+        v = _plain(m.__dict__[k])
+        if v is not None:
+            out.append(f"{k}={v!r};")
+    return "".join(out)

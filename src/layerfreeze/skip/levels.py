@@ -14,7 +14,8 @@ from torch import nn
 from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
 from ..feature_cache.api import cache_config
 from ..feature_cache.call import _FeatureCache
-from ..feature_cache.validity import fingerprints
+from ..feature_cache.validity import fingerprints, own_config
+from ..hooks import inert
 
 if TYPE_CHECKING:
     from .party import SkipParty
@@ -200,7 +201,15 @@ class _LevelCache(_FeatureCache):
 
     def _scan(self) -> tuple[tuple[Any, ...], bool]:
         token, hooks, _ = self._scan_all()
-        return (token, hooks), self._level.unsafe() is not None
+        outer = tuple(x for t in self._level.outer for x in (id(t), t.data_ptr(), t._version))
+        return (token, hooks, outer), self._level.unsafe() is not None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return super()._tensors() + self._level.outer
+
+    def _structure(self) -> str:
+        # the plain attributes of the modules around the prefix may feed it too (``x * self.temperature``)
+        return super()._structure() + "|" + "|".join(own_config(m) for m in self._level.around)
 
     def _why_not(self, inputs: list[Any]) -> str | None:
         reason = self._level.unsafe()
@@ -227,11 +236,37 @@ class _LevelCache(_FeatureCache):
             super()._remember(keys)
 
 
+def _obstacle(n: str, m: nn.Module) -> str | None:
+    """Why module ``m`` (named ``n``) cannot be skipped whatever its mode: hooks, an instance forward."""
+    from .party import _SkipForward
+
+    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    if any(h is not inert for d in hooks for h in d.values()):  # inert: left in a copy
+        return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
+    own = m.__dict__.get("forward")
+    if own is not None and not isinstance(own, _SkipForward):
+        return f"{n} has an instance forward; the Freezer skips only modules without one"
+    return None
+
+
+def _around(party: SkipParty, b: str, modules: dict[str, nn.Module]) -> list[nn.Module]:
+    """The modules whose calls contain boundary ``b``'s (the forward's own module, containers), innermost first."""
+    calls = party._calls
+    k = next(i for i, c in enumerate(calls) if c.name == b)
+    out: list[nn.Module] = []
+    parent = calls[k].parent
+    while parent is not None:
+        out.append(modules[calls[parent].name])
+        parent = calls[parent].parent
+    return out
+
+
 class _Level:
     """One boundary: its prefix, the modules that return placeholders, its store."""
 
     def __init__(self, party: SkipParty, cand: _Candidate, before: list[str], prefix: list[str]) -> None:
-        modules = dict(party.model.named_modules())
+        model = party.model
+        modules = dict(model.named_modules())
         self.cand = cand
         self.b = cand.b
         self.b_module = modules[cand.b]
@@ -241,6 +276,14 @@ class _Level:
         parts = {n: modules[n] for n in [*before, cand.b]}
         self.params = [p for m in parts.values() for p in m.parameters()]
         self.modal = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top) if _mode_matters(m)]
+        # where each part sits (a part replaced in the model leaves this level stale)
+        self.places = [(n, modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in parts.items()]
+        self.tree = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top)]
+        # the direct tensors of the modules whose code runs around the prefix (the
+        # forward's own module, containers): frozen ones are watched with the prefix
+        self.around = _around(party, cand.b, modules)
+        self.outer = [t for m in self.around for t in [*m._parameters.values(), *m._buffers.values()]
+                      if t is not None and not t.requires_grad]
         self.view = _PrefixView(parts, cand.b, party)
         self.cache = _LevelCache(self.view, party.config, self, party)
         self.proven = False
@@ -252,6 +295,19 @@ class _Level:
         for n, m in self.modal:
             if m.training:
                 return f"{n} is in training mode"
+        for n, m in self.tree:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or \
+                    "forward" in m.__dict__:
+                why = _obstacle(n, m)
+                if why is not None:
+                    return why
+        return None
+
+    def replaced(self) -> str | None:
+        """Which part of the prefix is no longer at its place in the model, or None."""
+        for n, parent, key, m in self.places:
+            if parent._modules.get(key) is not m:
+                return f"{n} was replaced in the model"
         return None
 
     def entries(self) -> set[bytes]:

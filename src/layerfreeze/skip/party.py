@@ -15,10 +15,10 @@ from torch import nn
 from ..core import Change
 from ..feature_cache.call import _positional_names
 from ..feature_cache.layout import _flatten, _unflatten
-from ..hooks import ModelHook, call_eagerly, inert
+from ..hooks import ModelHook, call_eagerly
 from ..rules import _roots
 from ..selectors import ModelIndex
-from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _Plan, _Stop
+from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _obstacle, _Plan, _Stop
 from .proof import _dims, _leaves, _untouched, prove
 
 __all__ = ["SkipParty"]
@@ -99,6 +99,7 @@ class SkipParty:
         self._trace_handles: list[Any] = []
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
+        self._watched: set[int] = set()
         self._arm()
 
     @property
@@ -245,12 +246,14 @@ class SkipParty:
                 if party is not None:
                     party._learnt(entry[0], calls, outs)
 
-        self._watch_entry(model)
+        if id(model) not in self._watched:
+            self._watch_entry(model)
         for m in model.modules():
             self._trace_handles.append(m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
             self._trace_handles.append(m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
 
     def _watch_entry(self, module: nn.Module) -> None:
+        self._watched.add(id(module))
         me = weakref.ref(self)
 
         def pre(m: nn.Module, args: Any, kwargs: Any) -> Any:
@@ -274,21 +277,42 @@ class SkipParty:
         self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
         self._name_of = {id(m): n for n, m in reversed(list(self.model.named_modules()))}
         self._positional = _positional_names(type(module))
-        if module is not self.model:
+        if id(module) not in self._watched:
             self._watch_entry(module)
         self._dirty = True
 
     def _something_frozen(self) -> bool:
         return any(not p.requires_grad for p in self.model.parameters())
 
-    def _trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Learn the order on this batch, from the model's own forward (see :meth:`_arm`)."""
+    def _trace(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Learn the order on this batch, from ``m``'s own forward (see :meth:`_arm`)."""
         with _untouched(self.model):
             self._stack.append(self._plan(args, kwargs))
             try:
-                self.model(*args, **kwargs)
+                m(*args, **kwargs)
             finally:
                 self._stack.pop()
+
+    def _relearn(self, why: str) -> None:
+        """Forget the order, the levels and the refusals (a module of the prefix was
+        replaced in the model): the next forward learns them again."""
+        self._note(f"{why}; stored outputs dropped, the order of the modules is learnt again")
+        for b in list(self._levels):
+            self._drop(b)
+        for ref in self._wrapped:
+            m = ref()
+            if m is not None and isinstance(m.__dict__.get("forward"), _SkipForward):
+                del m.__dict__["forward"]
+                _WRAPPED.pop(m, None)
+        self._wrapped.clear()
+        for h in self._trace_handles:
+            h.remove()
+        self._trace_handles.clear()
+        self._calls, self._outs, self._entry = [], {}, None
+        self._refused.clear()
+        self._active = self._cand = None
+        self._dirty = True
+        self._arm()
 
     # ---------------------------------------------------------------- the boundary
 
@@ -337,12 +361,9 @@ class SkipParty:
         modules = dict(self.model.named_modules())
         for top in [*before, cand.b]:
             for n, m in modules[top].named_modules(prefix=top):
-                hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-                if any(h is not inert for d in hooks for h in d.values()):  # inert: left in a copy
-                    return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
-                own = m.__dict__.get("forward")
-                if own is not None and not isinstance(own, _SkipForward):
-                    return f"{n} has an instance forward; the Freezer skips only modules without one"
+                why = _obstacle(n, m)
+                if why is not None:
+                    return why
                 if m.training and _mode_matters(m):
                     return (f"{n} ({type(m).__name__}) is in training mode (dropout or batch statistics stay on with "
                             "mode='norm'); freeze with mode='eval' to let the Freezer skip it")
@@ -432,7 +453,8 @@ class SkipParty:
         modules = dict(self.model.named_modules())
         for n in names:
             m = modules[n]
-            if m not in _WRAPPED:
+            ref = _WRAPPED.get(m)
+            if ref is None or ref() is None:  # unwrapped, or its party dropped without close()
                 m.__dict__["forward"] = _SkipForward(m)
                 _WRAPPED[m] = weakref.ref(self)
                 self._wrapped.append(weakref.ref(m))
@@ -472,16 +494,26 @@ class SkipParty:
     def _start(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plain = self._strip(args, kwargs)
         if self._entry is None and m is self.model and self._trace_handles and self._something_frozen():
-            self._trace(*plain)  # else nothing can be skipped yet: this forward itself is learnt
+            self._trace(m, *plain)  # else nothing can be skipped yet: this forward itself is learnt
         if m is not self._entry:
             return plain
         self._sync()
         level = self._active
+        gone = level.replaced() if level is not None else None
+        if gone is not None:
+            self._relearn(gone)
+            self._trace(m, *plain)
+            self._sync()
+            level = self._active
         if level is not None and level.unsafe() is not None:
             self._dirty = True
             self._sync()
             level = self._active
         if level is None:
+            return plain
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in _leaves(*plain)):
+            self._note("not skipping the frozen prefix for a call whose input requires grad: gradients flow "
+                       "through the prefix to it, so the full forward runs")
             return plain
         if not level.proven and not prove(self, level, args, kwargs, plain):
             return plain

@@ -20,10 +20,19 @@ if TYPE_CHECKING:
 
 __all__ = ["prove"]
 
-#: The proof runs on the first this many samples of a batch: it compares the
-#: same computation done two ways, row by row, so a few rows prove it as well
-#: as a whole batch, at a fraction of the cost (two extra forwards of them).
-PROOF_ROWS = 2
+#: The proof runs on this many samples of a batch (the first ones, and in a
+#: padded batch the one with the fewest and the one with the most real tokens):
+#: it compares the same computation done two ways, row by row, at a fraction of
+#: a batch's cost (two extra forwards of them). A placeholder's values read by
+#: anything after the boundary refuses it whatever the rows show.
+PROOF_ROWS = 4
+
+# Torch functions that read a tensor's metadata, not its values: a placeholder's
+# shape, dtype and device are those of the output it stands for.
+_METADATA = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset",
+                       "is_floating_point", "is_complex", "is_contiguous", "element_size", "get_device",
+                       "__get__", "__len__", "__format__", "__repr__", "new_zeros", "new_ones", "new_empty",
+                       "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "to", "type_as"})
 
 @contextlib.contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
@@ -43,7 +52,9 @@ def _untouched(model: nn.Module) -> Iterator[None]:
 
 class _Readers(TorchFunctionMode):
     """During the proof: the first torch function that reads a placeholder after
-    the boundary was served (``readers`` gets its name and the placeholder's id)."""
+    the boundary was served (``readers`` gets its name and the placeholder's id).
+    Before that, what a function computes from a placeholder is tracked as one
+    (``torch.tanh(embeddings)`` read later is a connection around the boundary too)."""
 
     def __init__(self, plan: _Plan, readers: list[Any]) -> None:
         super().__init__()
@@ -53,11 +64,19 @@ class _Readers(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         track = self.plan.track
-        if self.plan.served and not self.readers and track:
+        name = getattr(func, "__name__", str(func))
+        hit = None
+        if track and name not in _METADATA:
             hit = next((id(x) for x in _leaves(args, kwargs) if id(x) in track), None)
-            if hit is not None:
-                self.readers.extend([getattr(func, "__name__", str(func)), hit])
-        return func(*args, **kwargs)
+            if hit is not None and self.plan.served and not self.readers:
+                self.readers.extend([name, hit])
+        out = func(*args, **kwargs)
+        if hit is not None and track is not None and not self.plan.served:
+            for t in _leaves(out, {}):
+                if isinstance(t, torch.Tensor) and id(t) not in track:
+                    track[id(t)] = track[hit]
+                    self.plan.keep.append(t)
+        return out
 
 
 def _leaves(args: Any, kwargs: Any) -> list[Any]:
@@ -93,10 +112,31 @@ def _ids_list(spec: Any, batch: int) -> bool:
     return False
 
 
+def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, padding: str | None) -> list[int]:
+    """Which samples the proof runs: the first ones, and in a padded batch the
+    shortest and the longest (so a model that reads a padded position is seen)."""
+    if batch <= PROOF_ROWS:
+        return list(range(batch))
+    leaves: list[Any] = []
+    names: list[str | None] = []
+    _flatten(call, leaves, names)
+    mask = next((x for x, n in zip(leaves, names, strict=True)
+                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == batch), None)
+    first: list[int] = []
+    if mask is not None:
+        real = (mask != 0).sum(1)
+        first = [int(real.argmin()), int(real.argmax())]
+    picked: list[int] = []
+    for r in [*first, *range(PROOF_ROWS)]:
+        if r not in picked and len(picked) < PROOF_ROWS:
+            picked.append(r)
+    return sorted(picked)
+
+
 def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
-                n: int) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The call on its first ``n`` samples: every tensor argument with ``batch``
-    rows cut to ``n``; None when that cannot be done safely (a leaf that is not a
+                rows: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The call on the samples ``rows``: every tensor argument with ``batch``
+    rows cut to them; None when that cannot be done safely (a leaf that is not a
     tensor or a plain value, or a list of one plain value per sample)."""
     leaves: list[Any] = []
     spec = _flatten(call, leaves)
@@ -105,7 +145,7 @@ def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
     cut: list[Any] = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            cut.append(x[:n] if x.dim() >= 1 and x.shape[0] == batch else x)
+            cut.append(x[rows] if x.dim() >= 1 and x.shape[0] == batch else x)
         elif isinstance(x, _CONST_TYPES):
             cut.append(x)
         else:
@@ -150,7 +190,8 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
     the boundary if an output differs."""
     batch, _ = _dims(*plain, party.config["padding"])
     if batch > PROOF_ROWS:
-        cut, cut_plain = _first_rows((args, kwargs), batch, PROOF_ROWS), _first_rows(plain, batch, PROOF_ROWS)
+        rows = _proof_rows(plain, batch, party.config["padding"])
+        cut, cut_plain = _first_rows((args, kwargs), batch, rows), _first_rows(plain, batch, rows)
         if cut is not None and cut_plain is not None:
             (args, kwargs), plain = cut, cut_plain
     entry = party._entry
@@ -158,13 +199,22 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
     model = party.model
     readers: list[Any] = []
     plan = party._plan(*plain, serve=level, track={})
+    fed: list[bool] = []  # whether the boundary's output needs grad: something trainable feeds the prefix
+    key: str | None = None
+
+    def needs_grad(m: nn.Module, args: Any, out: Any) -> None:
+        fed.append(any(isinstance(x, torch.Tensor) and x.requires_grad for x in _leaves(out, {})))
+
     try:
         with _untouched(model):
             party._stack.append(party._plan(*plain))
+            handle = level.b_module.register_forward_hook(needs_grad)
             try:
-                full = entry(*plain[0], **plain[1])
+                with torch.enable_grad():
+                    full = entry(*plain[0], **plain[1])
             finally:
                 party._stack.pop()
+                handle.remove()
         with _untouched(model):
             party._proving = True
             try:
@@ -181,6 +231,12 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
                 for h in handles:
                     h.remove()
         why = _differ(full, skipped, plan, party.config["padding"], *plain)
+        if why is None and readers:
+            why = "a placeholder's values were read"
+        if any(fed):
+            why = f"its output requires grad: a trainable tensor outside the frozen groups feeds the prefix " \
+                  f"({_trainable_around(party, level)})"
+            key = why  # the same for the group's own boundary below a climbed one: said once
     except _Stop:
         raise
     except Exception as e:  # the skipped forward failed
@@ -188,9 +244,11 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
     if why is None:
         level.proven = True
         return True
-    key = reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
-                    "training goes on without skipping")
-    if readers:
+    reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
+              "training goes on without skipping")
+    if key is not None:
+        reason = f"not skipping up to {level.b}: {why}; training goes on without skipping"
+    elif readers:
         producer = plan.track.get(readers[1], "a prefix module") if plan.track is not None else "?"
         key = f"{readers[0]} reads {producer}"
         reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
@@ -201,6 +259,15 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
         party._dirty = True
     party._note(reason, key)
     return False
+
+def _trainable_around(party: SkipParty, level: _Level) -> str:
+    """The trainable direct parameters of the modules whose code runs around the prefix, named."""
+    names = []
+    for m in level.around:
+        mod = party._name_of.get(id(m), "")
+        names += [f"{mod}.{n}" if mod else n for n, p in m._parameters.items() if p is not None and p.requires_grad]
+    return "perhaps " + ", ".join(names) if names else "a tensor the forward's own code makes"
+
 
 def _watch(party: SkipParty, level: _Level, plan: _Plan, readers: list[Any]) -> list[Any]:
     """Pre-hooks on modules outside the prefix: the first to receive a placeholder."""

@@ -1,0 +1,252 @@
+"""Skipping the frozen prefix where something outside the prefix's modules feeds
+it, or the model changes under it: each case trains (or runs) the same model
+with and without ``cache=`` and asks for the same numbers."""
+
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layerfreeze as lf
+from layerfreeze.skip.proof import PROOF_ROWS
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def lockstep(net, schedule, batches, loss, epochs=3, each_epoch=None, each_step=None):
+    """Train ``net`` without cache and a copy with ``cache=True`` side by side
+    (SGD, same batches); return both models, the cached Freezer and the warnings."""
+    ref, cached = net, copy.deepcopy(net)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, cached)]
+    fa = lf.Freezer(ref, opts[0], copy.deepcopy(schedule))
+    fb = lf.Freezer(cached, opts[1], schedule, cache=True)
+    step = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(epochs):
+            fa.set_epoch(epoch)
+            fb.set_epoch(epoch)
+            if each_epoch is not None:
+                for m in (ref, cached):
+                    each_epoch(epoch, m)
+            for batch in batches:
+                if each_step is not None:
+                    for m in (ref, cached):
+                        each_step(step, m)
+                losses = []
+                for m, opt in zip((ref, cached), opts, strict=True):
+                    opt.zero_grad()
+                    value = loss(m, batch)
+                    value.backward()
+                    opt.step()
+                    losses.append(value.detach())
+                torch.testing.assert_close(losses[1], losses[0], **TOL, msg=f"step {step}")
+                step += 1
+    return ref, cached, fb, [str(w.message) for w in caught if "layerfreeze" in str(w.message)]
+
+
+class Scaled(nn.Module):
+    """The forward's own module touches the input before the frozen body sees it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.ones(5))
+        self.register_buffer("mean", torch.zeros(5))
+        self.temperature = 1.0
+
+    def forward(self, x):
+        if self.how == "scale":
+            x = x * self.scale
+        elif self.how == "mean":
+            x = x - self.mean
+        else:
+            x = x * self.temperature
+        return self.head(self.body(x))
+
+
+def data(n=16, features=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, features, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [(x[:8], y[:8]), (x[8:], y[8:])]
+
+
+def ce(m, batch):
+    return F.cross_entropy(m(batch[0]), batch[1])
+
+
+BODY = lf.Schedule().freeze(["body.0", "body.2"], mode="eval")
+
+
+def test_a_trainable_parameter_of_the_forwards_own_module_before_the_prefix_is_refused():
+    torch.manual_seed(0)
+    ref, cached, fz, said = lockstep(Scaled("scale"), copy.deepcopy(BODY), data(), ce)
+    torch.testing.assert_close(cached.scale, ref.scale, **TOL)  # it trained in both
+    assert not torch.equal(cached.scale, torch.ones(5))
+    assert not fz.skip_stats().skipping
+    assert "requires grad" in fz.skip_stats().reason and "scale" in fz.skip_stats().reason
+    assert sum("scale" in w for w in said) == 1
+
+
+def test_a_buffer_of_the_forwards_own_module_changed_in_place_drops_the_stored_outputs():
+    def shift(epoch, m):
+        m.mean.fill_(0.5 * epoch)
+
+    torch.manual_seed(0)
+    _, _, fz, _ = lockstep(Scaled("mean"), copy.deepcopy(BODY), data(), ce, epochs=4, each_epoch=shift)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+
+
+def test_a_plain_attribute_of_the_forwards_own_module_is_checked_with_the_weights():
+    def heat(epoch, m):
+        m.temperature = 1.0 + epoch
+
+    torch.manual_seed(0)
+    _, _, fz, _ = lockstep(Scaled("temperature"), copy.deepcopy(BODY), data(), ce, epochs=4, each_epoch=heat)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+
+
+def test_a_prefix_module_replaced_in_the_model_is_learnt_again():
+    torch.manual_seed(1)
+    other = nn.Linear(6, 8).requires_grad_(False)
+
+    def swap(step, m):
+        if step == 3:
+            m[1] = nn.ReLU()  # "a ReLU swapped for a Tanh"
+        if step == 6:
+            m[0] = copy.deepcopy(other)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    _, cached, fz, said = lockstep(net, lf.Schedule().freeze(["[0]", "[2]"], mode="eval"), data(features=6), ce,
+                                   epochs=5, each_step=swap)
+    assert sum("1 was replaced" in w for w in said) == 1 and sum("0 was replaced" in w for w in said) == 1
+    st = fz.skip_stats()
+    assert st.skipping and st.hits > 0
+    assert type(cached[1]).forward is nn.ReLU.forward and "forward" in cached[1].__dict__  # the new one is skipped
+
+
+class MultiTask(nn.Module):
+    """Task 0 rows read the top of the stack, task 1 rows the first layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, task):
+        h1 = torch.tanh(self.a(x))
+        h3 = torch.tanh(self.c(torch.tanh(self.b(h1))))
+        return self.head(torch.where(task[:, None] == 0, h3, h1))
+
+
+def test_a_placeholder_read_by_rows_the_proof_does_not_run_is_refused():
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    task = torch.tensor([0] * PROOF_ROWS + [1, 0] * 4)[:12]  # the proof's rows are all task 0
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch[0], batch[2]), batch[1])
+
+    _, _, fz, said = lockstep(MultiTask(), lf.Schedule().freeze(["a", "b"], mode="eval"), [(x, y, task)], loss)
+    assert not fz.skip_stats().skipping
+    assert any("reads the output of a" in w for w in said)
+
+
+def test_a_left_padded_classifier_is_proved_on_its_shortest_row():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  num_labels=2)
+    torch.manual_seed(0)
+    net = transformers.BertForSequenceClassification(cfg)
+    ref = copy.deepcopy(net)
+    schedule = lf.Schedule().freeze(["bert.embeddings", "bert.encoder"], mode="eval")
+    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    g = torch.Generator().manual_seed(0)
+    lengths = [8] * PROOF_ROWS + [5, 3, 8, 2]  # the first rows are whole; the pooled position 0 is padding below
+    ids = torch.zeros(len(lengths), 8, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, n in enumerate(lengths):
+        ids[k, 8 - n:] = torch.randint(1, 60, (n,), generator=g)
+        mask[k, 8 - n:] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            torch.testing.assert_close(net(input_ids=ids, attention_mask=mask).logits,
+                                       ref(input_ids=ids, attention_mask=mask).logits, **TOL)
+
+
+def test_an_input_that_requires_grad_gets_its_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    ref = copy.deepcopy(net)
+    schedule = lf.Schedule().freeze(["[0]", "[2]"], mode="eval")
+    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        net(x)  # stored, then served
+    assert fz.skip_stats().hits > 0
+    grads = []
+    for m in (ref, net):
+        xi = x.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m(xi).square().sum().backward()
+        grads.append(xi.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+    assert fz.skip_stats().skipping  # later calls without grad still skip
+
+
+def test_a_hook_added_after_skipping_started_sees_the_real_output():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    fz = lf.Freezer(net, None, lf.Schedule().freeze(["[0]", "[2]"], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        net(x)
+    assert fz.skip_stats().hits > 0
+    seen = {}
+    net[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(x)
+    torch.testing.assert_close(seen["out"], F.linear(x, net[0].weight, net[0].bias), **TOL)
+    assert "0 has hooks" in fz.skip_stats().reason
+    assert any("0 has hooks" in str(w.message) for w in caught)
+
+
+def test_a_new_freezer_after_the_old_one_was_dropped_without_close_skips():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(8, 6)
+    schedule = lf.Schedule().freeze(["[0]", "[2]"], mode="eval")
+    old = lf.Freezer(net, None, copy.deepcopy(schedule), cache=True)
+    old.set_epoch(0)
+    net(x)
+    net(x)
+    assert old.skip_stats().hits > 0
+    del old
+    gc.collect()
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    h = torch.tanh(F.linear(torch.tanh(F.linear(x, net[0].weight, net[0].bias)), net[2].weight, net[2].bias))
+    expected = F.linear(h, net[4].weight, net[4].bias)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(net(x), expected, **TOL)
+    assert not caught
+    st = fz.skip_stats()
+    assert st.skipping and st.hits > 0
