@@ -218,13 +218,18 @@ def test_a_hook_added_after_skipping_started_sees_the_real_output():
         net(x)
     assert fz.skip_stats().hits > 0
     seen = {}
-    net[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+    handle = net[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         net(x)
     torch.testing.assert_close(seen["out"], F.linear(x, net[0].weight, net[0].bias), **TOL)
     assert "0 has hooks" in fz.skip_stats().reason
     assert any("0 has hooks" in str(w.message) for w in caught)
+    handle.remove()  # skipping resumes
+    net(x)
+    hits = fz.skip_stats().hits
+    net(x)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits == hits + len(x)
 
 
 def test_a_new_freezer_after_the_old_one_was_dropped_without_close_skips():
@@ -250,3 +255,55 @@ def test_a_new_freezer_after_the_old_one_was_dropped_without_close_skips():
     assert not caught
     st = fz.skip_stats()
     assert st.skipping and st.hits > 0
+
+
+class Centered(nn.Module):
+    """Rows of a batch depend on each other: the batch mean is taken away."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def test_a_prefix_whose_rows_depend_on_each_other_says_it_skips_nothing():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), Centered(), nn.Linear(8, 8), nn.Linear(8, 3))
+    fz = lf.Freezer(net, None, lf.Schedule().freeze(["[0]", "[2]"], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(8, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            net(x)
+    st = fz.skip_stats()
+    assert not st.skipping and st.entries == 0 and "not independent" in st.reason
+    said = [str(w.message) for w in caught if "not independent" in str(w.message)]
+    assert len(said) == 1 and said[0].count("computed, not stored") == 1
+
+
+@pytest.mark.parametrize("bad", [{"pad_value": "x"}, {"pad_value": True}, {"store": "disk", "path": ""},
+                                 {"store": "disk", "path": "FILE"}, {"store": "disk", "path": "FILE/below"}])
+def test_a_bad_store_setting_is_refused_when_the_freezer_is_made(tmp_path, bad):
+    bad = {k: str(tmp_path / "file") + v[4:] if isinstance(v, str) and v.startswith("FILE") else v
+           for k, v in bad.items()}
+    (tmp_path / "file").write_text("not a directory")
+    net = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises((lf.ArgumentError, lf.ArgumentTypeError)) as info:
+        lf.Freezer(net, None, lf.Schedule().freeze(["[0]"], mode="eval"), cache=bad)
+    assert next(iter(bad)) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and "forward" not in net[0].__dict__
+    lin = nn.Linear(2, 2)
+    lf.freeze(lin, mode="eval")
+    with pytest.raises(lf.CacheError):
+        lf.cache(lin, **bad)
+
+
+def test_nested_groups_are_labelled_by_their_selectors():
+    net = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    schedule = lf.Schedule().progressive_freeze([["[0]", "[1]"], "[2]"], start=0, end=1, total_epochs=2, mode="eval")
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)  # the first group only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net(torch.randn(4, 6))
+    assert fz.skip_stats().boundary == "[0], [1]"

@@ -350,7 +350,8 @@ class _GroupedRule(Rule):
             out = []
             for i, sel in enumerate(self.group_spec):
                 res = resolve(index, [sel], origin=f"{origin}, key {key!r}[{i}]", default_all=False)
-                label = sel if isinstance(sel, str) else getattr(sel, "__name__", repr(sel))
+                label = (sel if isinstance(sel, str) else ", ".join(map(str, sel)) if isinstance(sel, (list, tuple))
+                         else getattr(sel, "__name__", repr(sel)))
                 out.append((str(label), res))
             return out
         res = resolve(index, [self.group_spec], origin=f"{origin}, key {key!r}", default_all=False)

@@ -244,6 +244,27 @@ def cache(
     return module
 
 
+def _unusable(path: Any) -> str | None:
+    """Why ``path`` cannot be a disk store's directory, or None (nothing is created here)."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        return f"path must be a str or os.PathLike, got {type(path).__name__}"
+    if not isinstance(text, str) or not text:
+        return "path is empty: pass the directory to keep the stored features in (it is created if missing)"
+    full = os.path.abspath(text)
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            return f"path {text!r} exists and is not a directory; pass a directory (it is created if missing)"
+        return None if os.access(full, os.W_OK | os.X_OK) else f"path {text!r} is not writable"
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f"path {text!r} cannot be created: {parent!r} is not a writable directory"
+    return None
+
+
 def cache_config(
     *,
     store: str = "memory",
@@ -273,6 +294,12 @@ def cache_config(
         raise CacheError(f"store={store!r} is not one of 'memory', 'disk'")
     if store == "disk" and path is None:
         raise CacheError("store='disk' needs a directory: pass path=... (it is created if missing)")
+    if path is not None:
+        where = _unusable(path)
+        if where is not None:
+            raise CacheError(where)
+    if pad_value is not None and (isinstance(pad_value, bool) or not isinstance(pad_value, (int, float))):
+        raise CacheError(f"pad_value must be a number (the padding id) or None, got {pad_value!r}")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
         raise CacheError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
     if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:

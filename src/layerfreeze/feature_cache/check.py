@@ -61,6 +61,9 @@ class _FirstCheck:
     """The first check, as methods of the cache (which provides ``run``,
     ``module`` and ``batch_dim``)."""
 
+    #: what to do when the batch is not on dimension 0 (a check's warning says it)
+    _batch_dim_hint = "pass batch_dim=1 to lf.cache if dimension 1 is the batch"
+
     batch_dim: int
 
     @property
@@ -90,8 +93,7 @@ class _FirstCheck:
         hint = ""
         bff = _batch_first_false(self.module)
         if bff:
-            hint = (f"; submodules with batch_first=False: {', '.join(bff[:3])}: pass batch_dim=1 to lf.cache "
-                    "if dimension 1 is the batch")
+            hint = f"; submodules with batch_first=False: {', '.join(bff[:3])}: {self._batch_dim_hint}"
         reason = (f"rows of a batch along dimension {self.batch_dim} are not independent ({k} sample(s) computed "
                   f"on their own differ from the same samples computed in the batch){hint}")
         return _Signature("dependent", None, reason)

@@ -131,11 +131,12 @@ class _DiskStore:
             f.seek(self._pos)
             data = f.read(end - self._pos)
         self._pos += len(data) - len(data) % _REC.size
+        bad = 0
         for off in range(0, len(data) - _REC.size + 1, _REC.size):
             rec = data[off:off + _REC.size]
             key, lid_b, tok, ntok, slot, crc, rcrc = _REC.unpack(rec)
             if zlib.crc32(rec[:-4]) != rcrc:
-                log.warning("layerfreeze cache: skipping a damaged index record in %s", self.dir)
+                bad += 1
                 continue
             lid = lid_b.decode("ascii", "replace")
             if (key, lid, slot, tok, ntok, crc) in self.damaged:
@@ -152,6 +153,8 @@ class _DiskStore:
             ends = self.ends[lid]
             ends[0] = max(ends[0], tok + ntok)
             ends[1] = max(ends[1], slot + 1)
+        if bad:
+            log.warning("layerfreeze cache: skipping %d damaged index record(s) in %s", bad, self.dir)
 
     def _map(self, lid: str, kind: str, width: int, rows: int) -> torch.Tensor | None:
         """A private read-only map of the first ``rows`` rows of ``L.<kind>``, or None if the file is shorter."""

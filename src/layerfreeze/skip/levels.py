@@ -219,10 +219,15 @@ class _LevelCache(_FeatureCache):
             return "an input requires grad, so gradients must flow through the prefix"
         return None
 
+    _batch_dim_hint = ("cache= stores samples along dimension 0 only; build the model with batch_first=True "
+                       "to let the Freezer skip it")
+
     def _warn(self, reason: str) -> None:
+        self._level.bypass = reason
         party = self._party()
         if party is not None:
-            party._note(f"{self.name}: {reason}; computed, not stored")
+            tail = "" if reason.endswith("computed, not stored") else "; computed, not stored"
+            party._note(f"{self.name}: {reason}{tail}")
 
     def _fingerprints(self) -> torch.Tensor:
         # levels share the bottom of their prefix: within one forward, each tensor is read once
@@ -287,6 +292,7 @@ class _Level:
         self.view = _PrefixView(parts, cand.b, party)
         self.cache = _LevelCache(self.view, party.config, self, party)
         self.proven = False
+        self.bypass: str | None = None  # why its store holds nothing (rows that are not independent, say)
 
     def unsafe(self) -> str | None:
         for p in self.params:

@@ -100,6 +100,10 @@ class SkipParty:
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
         self._watched: set[int] = set()
+        # the module (hooks, an instance forward, training mode) that keeps the top frozen group from
+        # being skipped: watched at every forward, so that skipping resumes once it is cleared
+        self._blocker: nn.Module | None = None
+        self._last_blocker: nn.Module | None = None
         self._arm()
 
     @property
@@ -176,8 +180,11 @@ class SkipParty:
         mem = sum(lv.cache.memory.nbytes for lv in self._levels.values() if lv.cache.memory is not None)
         disk = sum(lv.cache.disk.nbytes for lv in self._levels.values() if lv.cache.disk is not None)
         entries = level.cache.stats().entries if level is not None else 0
+        reason = self._reason
+        if level is not None:  # an active level whose store keeps nothing saves nothing
+            reason = level.bypass if level.bypass is not None and entries == 0 else None
         return SkipStats(cand.label if cand else None, cand.b if cand else None, cand.count if cand else 0,
-                         level is not None, None if level is not None else self._reason, self._hits,
+                         level is not None and reason is None, reason, self._hits,
                          self._misses, mem, disk, entries)
 
     def _note(self, message: str, key: str | None = None) -> None:
@@ -310,7 +317,7 @@ class SkipParty:
         self._trace_handles.clear()
         self._calls, self._outs, self._entry = [], {}, None
         self._refused.clear()
-        self._active = self._cand = None
+        self._active = self._cand = self._blocker = None
         self._dirty = True
         self._arm()
 
@@ -363,8 +370,10 @@ class SkipParty:
             for n, m in modules[top].named_modules(prefix=top):
                 why = _obstacle(n, m)
                 if why is not None:
+                    self._last_blocker = m
                     return why
                 if m.training and _mode_matters(m):
+                    self._last_blocker = m
                     return (f"{n} ({type(m).__name__}) is in training mode (dropout or batch statistics stay on with "
                             "mode='norm'); freeze with mode='eval' to let the Freezer skip it")
             for pn, p in modules[top].named_parameters(prefix=top):
@@ -382,13 +391,16 @@ class SkipParty:
         best, reason = None, "no group of the schedule is frozen"
         frozen = [c for c in self._candidates() if not self._trainable(c)]
         frozen.sort(key=lambda c: self._calls[first[c.b]].end, reverse=True)
+        self._blocker = None
         for i, c in enumerate(frozen):
+            self._last_blocker = None
             why = self._eligible(c)
             if why is None:
                 best = self._climb(c)
                 break
             if i == 0:
                 reason = why
+                self._blocker = self._last_blocker
 
         def end(b: str) -> int:
             return self._calls[first[b]].end
@@ -497,6 +509,9 @@ class SkipParty:
             self._trace(m, *plain)  # else nothing can be skipped yet: this forward itself is learnt
         if m is not self._entry:
             return plain
+        blocker = self._blocker
+        if blocker is not None and _obstacle("", blocker) is None and not (blocker.training and _mode_matters(blocker)):
+            self._dirty = True  # what stood in the way is gone
         self._sync()
         level = self._active
         gone = level.replaced() if level is not None else None
