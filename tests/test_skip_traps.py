@@ -94,6 +94,17 @@ def test_a_trainable_parameter_of_the_forwards_own_module_before_the_prefix_is_r
     assert sum("scale" in w for w in said) == 1
 
 
+def test_a_parameter_of_the_forwards_own_module_unfrozen_later_is_proved_again():
+    def unfreeze(epoch, m):
+        m.scale.requires_grad_(epoch >= 2)
+
+    torch.manual_seed(0)
+    net = Scaled("scale")
+    ref, cached, fz, _ = lockstep(net, copy.deepcopy(BODY), data(), ce, epochs=4, each_epoch=unfreeze)
+    assert not torch.equal(cached.scale, torch.ones(5))  # it trained from epoch 2
+    assert not fz.skip_stats().skipping and "requires grad" in fz.skip_stats().reason
+
+
 def test_a_buffer_of_the_forwards_own_module_changed_in_place_drops_the_stored_outputs():
     def shift(epoch, m):
         m.mean.fill_(0.5 * epoch)

@@ -287,8 +287,9 @@ class _Level:
         # the direct tensors of the modules whose code runs around the prefix (the
         # forward's own module, containers): frozen ones are watched with the prefix
         self.around = _around(party, cand.b, modules)
-        self.outer = [t for m in self.around for t in [*m._parameters.values(), *m._buffers.values()]
-                      if t is not None and not t.requires_grad]
+        self.outer: list[torch.Tensor] = []
+        self.trainable_around: frozenset[int] | None = None
+        self.around_changed()
         self.view = _PrefixView(parts, cand.b, party)
         self.cache = _LevelCache(self.view, party.config, self, party)
         self.proven = False
@@ -308,6 +309,18 @@ class _Level:
                 if why is not None:
                     return why
         return None
+
+    def around_changed(self) -> bool:
+        """Whether the trainable parameters of the modules around the prefix changed since the
+        last call (their frozen tensors are then watched anew); the proof holds for the old set only."""
+        now = frozenset(id(p) for m in self.around for p in m._parameters.values() if p is not None and p.requires_grad)
+        if now == self.trainable_around:
+            return False
+        first = self.trainable_around is None
+        self.trainable_around = now
+        self.outer = [t for m in self.around for t in [*m._parameters.values(), *m._buffers.values()]
+                      if t is not None and not t.requires_grad]
+        return not first
 
     def replaced(self) -> str | None:
         """Which part of the prefix is no longer at its place in the model, or None."""

@@ -526,6 +526,8 @@ class SkipParty:
             level = self._active
         if level is None:
             return plain
+        if level.around_changed():
+            level.proven = False  # a parameter around the prefix was frozen or unfrozen: prove again
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in _leaves(*plain)):
             self._note("not skipping the frozen prefix for a call whose input requires grad: gradients flow "
                        "through the prefix to it, so the full forward runs")
