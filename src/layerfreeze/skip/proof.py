@@ -254,6 +254,8 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
         reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
                   "boundary does not carry (a connection around it); training goes on without skipping")
     party._refused[level.b] = reason
+    if level.b in party._levels:  # what the proof stored is of no use now
+        party._drop(level.b)
     party._active, party._reason = None, reason
     if level.cand.group_b is not None:  # a climbed boundary: the group's own may still hold
         party._dirty = True
