@@ -318,3 +318,57 @@ def test_nested_groups_are_labelled_by_their_selectors():
         warnings.simplefilter("ignore")
         net(torch.randn(4, 6))
     assert fz.skip_stats().boundary == "[0], [1]"
+
+
+class Detour(nn.Module):
+    """A trainable module runs before the frozen prefix on some batches only."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.extra6, self.extra8 = nn.Linear(6, 6), nn.Linear(8, 8)
+
+    def forward(self, x, detour=False):
+        if detour and self.where == "first":
+            x = self.extra6(x)
+        h = torch.tanh(self.a(x))
+        if detour and self.where == "inside":
+            h = self.extra8(h)
+        return self.head(torch.tanh(self.b(h)))
+
+
+def test_a_module_that_runs_before_the_prefix_on_later_batches_only_is_learnt_then():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    batches = [(x[i:i + 8], y[i:i + 8], i >= 16) for i in range(0, 32, 8)]  # the detour from the third batch
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch[0], detour=batch[2]), batch[1])
+
+    ref, cached, fz, said = lockstep(Detour("first"), lf.Schedule().freeze(["a", "b"], mode="eval"), batches, loss)
+    torch.testing.assert_close(cached.extra6.weight, ref.extra6.weight, **TOL)
+    assert not torch.equal(cached.extra6.weight, Detour("first").extra6.weight)
+    assert sum("extra6 ran before the boundary" in w for w in said) == 1
+    assert not fz.skip_stats().skipping and "extra6.weight" in fz.skip_stats().reason
+
+
+def test_a_module_that_runs_between_skipped_modules_on_a_later_batch_fails_that_forward_loudly():
+    torch.manual_seed(0)
+    net = Detour("inside")
+    ref = copy.deepcopy(net)
+    schedule = lf.Schedule().freeze(["a", "b"], mode="eval")
+    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net(x)
+        net(x)
+        assert fz.skip_stats().hits > 0
+        with pytest.raises(RuntimeError, match="extra8 ran before the boundary b"):
+            net(x, detour=True)
+        torch.testing.assert_close(net(x, detour=True), ref(x, detour=True), **TOL)  # learnt again
+        torch.testing.assert_close(net(x), ref(x), **TOL)
+    assert not fz.skip_stats().skipping and "extra8" in fz.skip_stats().reason

@@ -15,7 +15,7 @@ from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeErro
 from ..feature_cache.api import cache_config
 from ..feature_cache.call import _FeatureCache
 from ..feature_cache.validity import fingerprints, own_config
-from ..hooks import inert
+from ..hooks import ModelHook, inert
 
 if TYPE_CHECKING:
     from .party import SkipParty
@@ -156,6 +156,8 @@ class _Plan:
     served: bool = False
     track: dict[int, str] | None = None  # placeholder ids -> producing module (the proof)
     keep: list[Any] = field(default_factory=list)
+    handed: int = 0  # placeholders returned so far
+    call: Any = None  # the entry's (args, kwargs), kept to learn the order on it again
 
 
 def _mode_matters(m: nn.Module) -> bool:
@@ -241,12 +243,19 @@ class _LevelCache(_FeatureCache):
             super()._remember(keys)
 
 
+class _Unseen(ModelHook):
+    """The pre-hook on a module the learnt forward did not call (it may run before the boundary
+    on another batch); not an obstacle to skipping the module it sits on."""
+
+    __slots__ = ()
+
+
 def _obstacle(n: str, m: nn.Module) -> str | None:
     """Why module ``m`` (named ``n``) cannot be skipped whatever its mode: hooks, an instance forward."""
     from .party import _SkipForward
 
     hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    if any(h is not inert for d in hooks for h in d.values()):  # inert: left in a copy
+    if any(h is not inert and not isinstance(h, _Unseen) for d in hooks for h in d.values()):  # inert: in a copy
         return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
     own = m.__dict__.get("forward")
     if own is not None and not isinstance(own, _SkipForward):
@@ -284,6 +293,7 @@ class _Level:
         # where each part sits (a part replaced in the model leaves this level stale)
         self.places = [(n, modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in parts.items()]
         self.tree = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top)]
+        self.tree_ids = {id(m) for _, m in self.tree}
         # the direct tensors of the modules whose code runs around the prefix (the
         # forward's own module, containers): frozen ones are watched with the prefix
         self.around = _around(party, cand.b, modules)

@@ -18,7 +18,7 @@ from ..feature_cache.layout import _flatten, _unflatten
 from ..hooks import ModelHook, call_eagerly
 from ..rules import _roots
 from ..selectors import ModelIndex
-from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _obstacle, _Plan, _Stop
+from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _obstacle, _Plan, _Stop, _Unseen
 from .proof import _dims, _leaves, _untouched, prove
 
 __all__ = ["SkipParty"]
@@ -97,6 +97,9 @@ class SkipParty:
         self._entry: nn.Module | None = None
         self._handles: list[Any] = []
         self._trace_handles: list[Any] = []
+        self._unseen_handles: list[Any] = []
+        self._unseen_ran: str | None = None  # a module the learnt order lacks ran before the boundary
+        self._unseen_call_args: Any = None  # ... in this call: the order is learnt again on it
         self._name_of: dict[int, str] = {}
         self._wrapped: list[weakref.ref[nn.Module]] = []
         self._watched: set[int] = set()
@@ -156,10 +159,11 @@ class SkipParty:
 
     def close(self) -> None:
         """Remove every hook and instance forward; drop stored outputs held in memory."""
-        for h in self._handles + self._trace_handles:
+        for h in self._handles + self._trace_handles + self._unseen_handles:
             h.remove()
         self._handles.clear()
         self._trace_handles.clear()
+        self._unseen_handles.clear()
         for ref in self._wrapped:
             m = ref()
             if m is not None and isinstance(m.__dict__.get("forward"), _SkipForward):
@@ -286,6 +290,17 @@ class SkipParty:
         self._positional = _positional_names(type(module))
         if id(module) not in self._watched:
             self._watch_entry(module)
+        me = weakref.ref(self)
+
+        def unseen(m: nn.Module, args: Any) -> None:
+            party = me()
+            if party is not None:
+                party._unseen_call(m)
+
+        called = {c.name for c in calls}
+        for name, m in self.model.named_modules():
+            if name not in called:
+                self._unseen_handles.append(m.register_forward_pre_hook(_Unseen(unseen)))
         self._dirty = True
 
     def _something_frozen(self) -> bool:
@@ -312,9 +327,11 @@ class SkipParty:
                 del m.__dict__["forward"]
                 _WRAPPED.pop(m, None)
         self._wrapped.clear()
-        for h in self._trace_handles:
+        for h in self._trace_handles + self._unseen_handles:
             h.remove()
         self._trace_handles.clear()
+        self._unseen_handles.clear()
+        self._unseen_ran = self._unseen_call_args = None
         self._calls, self._outs, self._entry = [], {}, None
         self._refused.clear()
         self._active = self._cand = self._blocker = None
@@ -514,10 +531,11 @@ class SkipParty:
             self._dirty = True  # what stood in the way is gone
         self._sync()
         level = self._active
-        gone = level.replaced() if level is not None else None
+        gone = (level.replaced() if level is not None else None) or self._unseen_ran
         if gone is not None:
+            call = self._unseen_call_args or plain  # the call that took the other path, if one did
             self._relearn(gone)
-            self._trace(m, *plain)
+            self._trace(m, *call)
             self._sync()
             level = self._active
         if level is not None and level.unsafe() is not None:
@@ -537,7 +555,7 @@ class SkipParty:
         with torch.no_grad():
             out = self._lookup(level, args, kwargs)
         self._migrate(level)
-        self._stack.append(self._plan(*plain, serve=level, out=out, outer=True, entry=m))
+        self._stack.append(self._plan(*plain, serve=level, out=out, outer=True, entry=m, call=plain))
         return plain
 
     def _lookup(self, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -583,7 +601,28 @@ class SkipParty:
             raise _Stop(out)
         return out
 
+    def _unseen_call(self, m: nn.Module) -> None:
+        """A module the learnt forward did not call is called: fine after the boundary
+        or inside the prefix; before the boundary the order is learnt again, and this
+        forward runs in full, or, when placeholders were already returned, fails."""
+        plan = self._stack[-1] if self._stack else None
+        if plan is None or plan.serve is None or plan.served or id(m) in plan.serve.tree_ids:
+            return
+        name = self._name_of.get(id(m)) or type(m).__name__
+        self._unseen_call_args = plan.call
+        self._unseen_ran = (f"{name} ran before the boundary {plan.serve.b}, but not in the forward the order "
+                            "was learnt on")
+        if not plan.handed:
+            plan.serve = None  # nothing stands in for a prefix module yet: this forward runs in full
+            return
+        raise RuntimeError(
+            f"layerfreeze: {self._unseen_ran}, and after modules of the prefix were skipped in this forward, so "
+            "its values cannot be trusted. The Freezer learns the order again at the next forward: run this "
+            "batch again (or learn the order on a batch that takes every path, with cache= set before the "
+            "first forward)")
+
     def _placeholder(self, m: nn.Module, plan: _Plan) -> Any:
+        plan.handed += 1
         name = self._name_of[id(m)]
         spec, leaves = self._outs[name]
         tb, tl = self._trace_dims
