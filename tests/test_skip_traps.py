@@ -372,3 +372,34 @@ def test_a_module_that_runs_between_skipped_modules_on_a_later_batch_fails_that_
         torch.testing.assert_close(net(x, detour=True), ref(x, detour=True), **TOL)  # learnt again
         torch.testing.assert_close(net(x), ref(x), **TOL)
     assert not fz.skip_stats().skipping and "extra8" in fz.skip_stats().reason
+
+
+def test_a_first_fill_under_inference_mode_does_not_break_training():
+    torch.manual_seed(0)
+    net = Scaled("scale")
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    fz = lf.Freezer(net, torch.optim.SGD(net.parameters(), lr=0.1), copy.deepcopy(BODY), cache=True)
+    fz.set_epoch(0)
+    ref = copy.deepcopy(net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():  # a validation pass first: it must not prove the trainable scale away
+            net(x[:8])
+        loss = F.cross_entropy(net(x[:40]), y[:40])  # new samples: the store grows past its first buffers
+        loss.backward()
+    assert net.scale.grad is not None
+    ref_loss = F.cross_entropy(ref(x[:40]), y[:40])
+    ref_loss.backward()
+    torch.testing.assert_close(net.scale.grad, ref.scale.grad, **TOL)
+    assert any("requires grad" in str(w.message) for w in caught)
+
+
+def test_lf_cache_filled_under_inference_mode_then_used_normally():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    lf.freeze(enc, mode="eval")
+    cached = lf.cache(enc)
+    with torch.inference_mode():
+        cached(torch.randn(4, 6))
+    x = torch.randn(8, 6)  # new samples written into the buffers made under inference_mode
+    torch.testing.assert_close(cached(x), torch.tanh(F.linear(x, enc[0].weight, enc[0].bias)), **TOL)

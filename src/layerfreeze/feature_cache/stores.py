@@ -70,7 +70,9 @@ class _MemoryStore:
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         assert self.device is not None
-        return torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
+        # a normal tensor even when filled under torch.inference_mode(): a later fill outside it writes too
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
 
     def _grow(self, lid: str, layout: _Layout, tokens: int, samples: int, dry: bool = False) -> bool:
         """Make room for ``tokens`` more token rows and ``samples`` more sample rows."""

@@ -550,6 +550,8 @@ class SkipParty:
             self._note("not skipping the frozen prefix for a call whose input requires grad: gradients flow "
                        "through the prefix to it, so the full forward runs")
             return plain
+        if not level.proven and torch.is_inference_mode_enabled():
+            return plain  # the proof needs autograd (what feeds the prefix): it runs at the next forward outside
         if not level.proven and not prove(self, level, args, kwargs, plain):
             return plain
         with torch.no_grad():
