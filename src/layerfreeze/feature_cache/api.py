@@ -245,7 +245,7 @@ def cache(
 
 
 def _unusable(path: Any) -> str | None:
-    """Why ``path`` cannot be a disk store's directory, or None (nothing is created here)."""
+    """Why ``path`` cannot be a disk store's directory, or None (it is created then, as the store would)."""
     try:
         text = os.fspath(path)
     except TypeError:
@@ -262,6 +262,10 @@ def _unusable(path: Any) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         return f"path {text!r} cannot be created: {parent!r} is not a writable directory"
+    try:  # what access() cannot tell (a root process, /proc): make it now, as the store would
+        os.makedirs(full, exist_ok=True)
+    except OSError as e:
+        return f"path {text!r} cannot be created ({e.strerror or e}); pass a writable directory"
     return None
 
 

@@ -141,6 +141,8 @@ def _plain(v: Any) -> Any:
         return v
     if isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v):
         return tuple(v)
+    if isinstance(v, dict) and all(isinstance(k, _PLAIN) and isinstance(x, _PLAIN) for k, x in v.items()):
+        return tuple(sorted(v.items(), key=repr))
     if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
         return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
     return None

@@ -203,8 +203,7 @@ class _LevelCache(_FeatureCache):
 
     def _scan(self) -> tuple[tuple[Any, ...], bool]:
         token, hooks, _ = self._scan_all()
-        outer = tuple(x for t in self._level.outer for x in (id(t), t.data_ptr(), t._version))
-        return (token, hooks, outer), self._level.unsafe() is not None
+        return (token, hooks, self._level.outer_token()), self._level.unsafe() is not None
 
     def _tensors(self) -> list[torch.Tensor]:
         return super()._tensors() + self._level.outer
@@ -243,6 +242,11 @@ class _LevelCache(_FeatureCache):
             super()._remember(keys)
 
 
+def _members(m: nn.Module) -> list[Any]:
+    """A module's own submodules and parameters, by name and identity."""
+    return [(k, id(v)) for k, v in m._modules.items()] + [(k, id(v)) for k, v in m._parameters.items()]
+
+
 class _Unseen(ModelHook):
     """The pre-hook on a module the learnt forward did not call (it may run before the boundary
     on another batch); not an obstacle to skipping the module it sits on."""
@@ -261,6 +265,11 @@ def _obstacle(n: str, m: nn.Module) -> str | None:
     if own is not None and not isinstance(own, _SkipForward):
         return f"{n} has an instance forward; the Freezer skips only modules without one"
     return None
+
+
+def _pre_hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward pre-hook of someone else's (one may change the input)."""
+    return any(h is not inert and not isinstance(h, ModelHook) for h in m._forward_pre_hooks.values())
 
 
 def _around(party: SkipParty, b: str, modules: dict[str, nn.Module]) -> list[nn.Module]:
@@ -294,9 +303,11 @@ class _Level:
         self.places = [(n, modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in parts.items()]
         self.tree = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top)]
         self.tree_ids = {id(m) for _, m in self.tree}
+        self.tree_state = [_members(m) for _, m in self.tree]
         # the direct tensors of the modules whose code runs around the prefix (the
         # forward's own module, containers): frozen ones are watched with the prefix
         self.around = _around(party, cand.b, modules)
+        self.modal_around = [m for m in self.around if _mode_matters(m)]
         self.outer: list[torch.Tensor] = []
         self.trainable_around: frozenset[int] | None = None
         self.around_changed()
@@ -318,6 +329,9 @@ class _Level:
                 why = _obstacle(n, m)
                 if why is not None:
                     return why
+        for m in self.around:
+            if m._forward_pre_hooks and _pre_hooked(m):
+                return "a module around the prefix has a forward pre-hook"
         return None
 
     def around_changed(self) -> bool:
@@ -333,11 +347,26 @@ class _Level:
         return not first
 
     def replaced(self) -> str | None:
-        """Which part of the prefix is no longer at its place in the model, or None."""
+        """Which part of the prefix is no longer at its place in the model (or has
+        another submodule or parameter inside), or None."""
         for n, parent, key, m in self.places:
             if parent._modules.get(key) is not m:
                 return f"{n} was replaced in the model"
+        for (n, m), state in zip(self.tree, self.tree_state, strict=True):
+            if _members(m) != state:
+                return f"a submodule or parameter of {n} was replaced"
         return None
+
+    def outer_token(self) -> tuple[Any, ...]:
+        """What the modules around the prefix hold that may feed it, cheap to compare: their
+        frozen parameters and buffers, tensor attributes, and mode where their forward reads it."""
+        out: list[Any] = [x for t in self.outer for x in (id(t), t.data_ptr(), t._version)]
+        for m in self.around:
+            for k, v in m.__dict__.items():
+                if isinstance(v, torch.Tensor) and not k.startswith("_"):
+                    out += (k, id(v), v.data_ptr(), v._version)
+        out += [m.training for m in self.modal_around]
+        return tuple(out)
 
     def entries(self) -> set[bytes]:
         c = self.cache

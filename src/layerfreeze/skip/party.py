@@ -18,7 +18,19 @@ from ..feature_cache.layout import _flatten, _unflatten
 from ..hooks import ModelHook, call_eagerly
 from ..rules import _roots
 from ..selectors import ModelIndex
-from .levels import SkipStats, _Call, _Candidate, _Level, _mode_matters, _obstacle, _Plan, _Stop, _Unseen
+from .levels import (
+    SkipStats,
+    _around,
+    _Call,
+    _Candidate,
+    _Level,
+    _mode_matters,
+    _obstacle,
+    _Plan,
+    _pre_hooked,
+    _Stop,
+    _Unseen,
+)
 from .proof import _dims, _leaves, _untouched, prove
 
 __all__ = ["SkipParty"]
@@ -105,8 +117,8 @@ class SkipParty:
         self._watched: set[int] = set()
         # the module (hooks, an instance forward, training mode) that keeps the top frozen group from
         # being skipped: watched at every forward, so that skipping resumes once it is cleared
-        self._blocker: nn.Module | None = None
-        self._last_blocker: nn.Module | None = None
+        self._blocker: tuple[nn.Module, str] | None = None  # the module, and what stands: see _blocks
+        self._last_blocker: tuple[nn.Module, str] | None = None
         self._arm()
 
     @property
@@ -387,17 +399,33 @@ class SkipParty:
             for n, m in modules[top].named_modules(prefix=top):
                 why = _obstacle(n, m)
                 if why is not None:
-                    self._last_blocker = m
+                    self._last_blocker = (m, "obstacle")
                     return why
                 if m.training and _mode_matters(m):
-                    self._last_blocker = m
+                    self._last_blocker = (m, "mode")
                     return (f"{n} ({type(m).__name__}) is in training mode (dropout or batch statistics stay on with "
                             "mode='norm'); freeze with mode='eval' to let the Freezer skip it")
             for pn, p in modules[top].named_parameters(prefix=top):
                 if p.requires_grad:
                     return (f"{pn} runs before the boundary {cand.b} and is trainable; freeze it with the bottom "
                             "group to let the Freezer skip the prefix")
+        for m in _around(self, cand.b, modules):
+            if _pre_hooked(m):
+                self._last_blocker = (m, "prehook")
+                name = self._name_of.get(id(m)) or "the model"
+                return (f"{name} has a forward pre-hook, which may change what reaches the prefix; remove it to let "
+                        "the Freezer skip the prefix")
         return None
+
+    @staticmethod
+    def _blocks(blocker: tuple[nn.Module, str]) -> bool:
+        """Whether what kept the top group from being skipped still does."""
+        m, kind = blocker
+        if kind == "obstacle":
+            return _obstacle("", m) is not None
+        if kind == "mode":
+            return m.training and _mode_matters(m)
+        return _pre_hooked(m)
 
     def _sync(self) -> None:
         """Decide the boundary after a change; make, keep or drop levels."""
@@ -526,8 +554,7 @@ class SkipParty:
             self._trace(m, *plain)  # else nothing can be skipped yet: this forward itself is learnt
         if m is not self._entry:
             return plain
-        blocker = self._blocker
-        if blocker is not None and _obstacle("", blocker) is None and not (blocker.training and _mode_matters(blocker)):
+        if self._blocker is not None and not self._blocks(self._blocker):
             self._dirty = True  # what stood in the way is gone
         self._sync()
         level = self._active
