@@ -24,14 +24,24 @@ How it decides and stays correct:
   one the forward starts at stores its output instead, so its own code around
   the layers (attention masks, the loop) is skipped too. If the proof refuses
   it, the group's own boundary is tried next.
-* **The proof.** Before the first skip at a new boundary, the first samples of a batch
-  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`) run both
-  ways (the full forward and the skipped one, from the same random state, with
-  buffers restored after) and every output tensor is compared (real positions
-  only, in a padded batch). A model that reads a prefix output the boundary does
-  not carry (a connection around the boundary) is refused: a warning names the
-  module that read a placeholder when one is found, and training goes on
-  without skipping.
+* **The proof.** Before the first skip at a new boundary, a few samples of a batch
+  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`: the first ones, and the
+  shortest and longest of a padded batch) run both ways (the full forward, with
+  grad, and the skipped one, from the same random state, with buffers restored
+  after) and every output tensor is compared (real positions only, in a padded
+  batch). A model that reads a prefix output the boundary does not carry (a
+  connection around the boundary, or a value computed from a placeholder) is
+  refused even where the outputs agree: a warning names the reader, and training
+  goes on without skipping. So is a boundary whose output needs grad: something
+  trainable outside the frozen groups feeds the prefix.
+* **The model around the prefix.** The modules whose calls contain the
+  boundary's (the forward's own module, containers) are watched at every call:
+  their frozen parameters, buffers and tensor attributes, their mode where their
+  forward reads it, and forward pre-hooks (refused); their plain attributes join
+  the deep check.
+* **Changes.** A prefix module replaced in the model (or a submodule or parameter
+  inside one), or a module the learnt forward never called running before the
+  boundary, makes the party learn the order again (:meth:`SkipParty._relearn`).
 * **Levels.** Each boundary is a level: a :class:`~layerfreeze.feature_cache.call._FeatureCache`
   over a view of its prefix, so keys, padding, stores, the disk layout and
   validity are those of :func:`layerfreeze.cache` (the disk directory is named
