@@ -41,7 +41,7 @@ How it decides and stays correct:
   the deep check.
 * **Changes.** A prefix module replaced in the model (or a submodule or parameter
   inside one), or a module the learnt forward never called running before the
-  boundary, makes the party learn the order again (:meth:`SkipParty._relearn`).
+  boundary, makes the party learn the order again.
 * **Levels.** Each boundary is a level: a :class:`~layerfreeze.feature_cache.call._FeatureCache`
   over a view of its prefix, so keys, padding, stores, the disk layout and
   validity are those of :func:`layerfreeze.cache` (the disk directory is named
