@@ -152,30 +152,43 @@ class _FeatureCache(_FirstCheck):
         cheap to compare (module objects and classes, instance forwards, hooks,
         parameter and buffer objects, data pointers and version counters) and
         whether anything is in training mode or requires grad."""
+        token, _, hooks, unsafe = self._walk()
+        return token, hooks, unsafe
+
+    def _walk(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...], bool]:
+        """:meth:`_scan_all`'s pass, also returning the tree's *structure*: which module,
+        parameter and buffer objects sit where (the token without pointers and versions)."""
         token: list[Any] = []
+        structure: list[Any] = []
         hooks: list[Any] = []
         unsafe = False
         stack = [self.module]
         seen: set[int] = set()
+        add, shape = token.extend, structure.extend
         while stack:
             m = stack.pop()
             if id(m) in seen:
                 continue
             seen.add(id(m))
-            d = m.__dict__
-            token += (id(m), m.__class__, d.get("forward"))
+            ident = (id(m), m.__class__, m.__dict__.get("forward"))
+            add(ident)
+            shape(ident)
             if m._forward_hooks or m._forward_pre_hooks:
                 hooks += (id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             unsafe = unsafe or m.training
-            for p in m._parameters.values():
+            for k, p in m._parameters.items():
                 if p is not None:
-                    token += (id(p), p.data_ptr(), p._version)
+                    add((id(p), p.data_ptr(), p._version))
+                    shape((k, id(p)))
                     unsafe = unsafe or p.requires_grad
-            for b in m._buffers.values():
+            for k, b in m._buffers.items():
                 if b is not None:
-                    token += (id(b), b.data_ptr(), b._version)
-            stack.extend(c for c in m._modules.values() if c is not None)
-        return tuple(token), tuple(hooks), unsafe
+                    add((id(b), b.data_ptr(), b._version))
+                    shape((k, id(b)))
+            children = [c for c in m._modules.values() if c is not None]
+            shape([id(c) for c in children])
+            stack.extend(children)
+        return tuple(token), tuple(structure), tuple(hooks), unsafe
 
     def _fingerprints(self) -> torch.Tensor:
         return fingerprints(self._tensors())

@@ -202,7 +202,7 @@ class _LevelCache(_FeatureCache):
         self._party = weakref.ref(party)
 
     def _scan(self) -> tuple[tuple[Any, ...], bool]:
-        token, hooks, _ = self._scan_all()
+        token, _, hooks = self._level.scan()
         return (token, hooks, self._level.outer_token()), self._level.unsafe() is not None
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -240,11 +240,6 @@ class _LevelCache(_FeatureCache):
         party = self._party()
         if party is None or not party._proving:
             super()._remember(keys)
-
-
-def _members(m: nn.Module) -> list[Any]:
-    """A module's own submodules and parameters, by name and identity."""
-    return [(k, id(v)) for k, v in m._modules.items()] + [(k, id(v)) for k, v in m._parameters.items()]
 
 
 class _Unseen(ModelHook):
@@ -303,7 +298,6 @@ class _Level:
         self.places = [(n, modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in parts.items()]
         self.tree = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top)]
         self.tree_ids = {id(m) for _, m in self.tree}
-        self.tree_state = [_members(m) for _, m in self.tree]
         # the direct tensors of the modules whose code runs around the prefix (the
         # forward's own module, containers): frozen ones are watched with the prefix
         self.around = _around(party, cand.b, modules)
@@ -313,8 +307,32 @@ class _Level:
         self.around_changed()
         self.view = _PrefixView(parts, cand.b, party)
         self.cache = _LevelCache(self.view, party.config, self, party)
+        self._party = weakref.ref(party)
+        self.structure: tuple[Any, ...] = ()
+        self.hooks: tuple[Any, ...] = ()
         self.proven = False
         self.bypass: str | None = None  # why its store holds nothing (rows that are not independent, say)
+
+    def settle(self) -> None:
+        """Take the tree's structure and hooks as they are now (its modules wrapped): what
+        :meth:`replaced` and :meth:`unsafe` compare with."""
+        party = self._party()
+        if party is not None and party._scans is not None:
+            party._scans.pop(id(self), None)
+        _, self.structure, self.hooks = self.scan()
+
+    def scan(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+        """One walk over the prefix's tree per forward (kept for the forward's other checks):
+        its cache's token, its structure, its hooks."""
+        party = self._party()
+        memo = party._scans if party is not None else None
+        got = memo.get(id(self)) if memo is not None else None
+        if got is None:
+            token, structure, hooks, _ = self.cache._walk()
+            got = (token, structure, hooks)
+            if memo is not None:
+                memo[id(self)] = got
+        return got
 
     def unsafe(self) -> str | None:
         for p in self.params:
@@ -323,12 +341,17 @@ class _Level:
         for n, m in self.modal:
             if m.training:
                 return f"{n} is in training mode"
+        if self.scan()[2] == self.hooks:  # no hook added since: the walk below would find nothing
+            return self._around_hooked()
         for n, m in self.tree:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or \
                     "forward" in m.__dict__:
                 why = _obstacle(n, m)
                 if why is not None:
                     return why
+        return self._around_hooked()
+
+    def _around_hooked(self) -> str | None:
         for m in self.around:
             if m._forward_pre_hooks and _pre_hooked(m):
                 return "a module around the prefix has a forward pre-hook"
@@ -352,9 +375,8 @@ class _Level:
         for n, parent, key, m in self.places:
             if parent._modules.get(key) is not m:
                 return f"{n} was replaced in the model"
-        for (n, m), state in zip(self.tree, self.tree_state, strict=True):
-            if _members(m) != state:
-                return f"a submodule or parameter of {n} was replaced"
+        if self.scan()[1] != self.structure:
+            return f"a submodule, parameter or buffer of {', '.join(n for n, *_ in self.places)} was replaced"
         return None
 
     def outer_token(self) -> tuple[Any, ...]:

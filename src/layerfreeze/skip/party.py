@@ -146,6 +146,15 @@ class SkipParty:
         self._local.proving = value
 
     @property
+    def _scans(self) -> dict[int, Any] | None:
+        """Each level's walk over its tree during this forward (no module moves within one), else None."""
+        return getattr(self._local, "scans", None)
+
+    @_scans.setter
+    def _scans(self, value: dict[int, Any] | None) -> None:
+        self._local.scans = value
+
+    @property
     def _memo(self) -> dict[int, tuple[int, list[torch.Tensor]]] | None:
         """Fingerprints read during this forward's lookup (no value moves within one), else None."""
         return getattr(self._local, "memo", None)
@@ -470,6 +479,7 @@ class SkipParty:
             level = _Level(self, best, before, prefix)
             self._levels[best.b] = level
             self._wrap([*before, best.b])
+            level.settle()
         self._active, self._reason = self._levels[best.b], None
 
     def _climb(self, cand: _Candidate) -> _Candidate:
@@ -501,6 +511,8 @@ class SkipParty:
 
     def _drop(self, b: str) -> None:
         level = self._levels.pop(b)
+        if self._scans is not None:  # its id may be taken by a new level within this forward
+            self._scans.pop(id(level), None)
         if level.cache.memory is not None:
             level.cache.memory.clear()
         if self._active is level:
@@ -542,11 +554,11 @@ class SkipParty:
         if self._stack:  # a forward this party runs itself
             return None
         with self._lock:
-            self._memo = {}
+            self._memo, self._scans = {}, {}
             try:
                 return self._start(m, args, kwargs)
             finally:
-                self._memo = None
+                self._memo = self._scans = None
 
     def _start(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plain = self._strip(args, kwargs)
