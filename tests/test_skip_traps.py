@@ -4,6 +4,8 @@ with and without ``cache=`` and asks for the same numbers."""
 
 import copy
 import gc
+import threading
+import time
 import warnings
 
 import pytest
@@ -476,3 +478,110 @@ def test_lf_cache_filled_under_inference_mode_then_used_normally():
         cached(torch.randn(4, 6))
     x = torch.randn(8, 6)  # new samples written into the buffers made under inference_mode
     torch.testing.assert_close(cached(x), torch.tanh(F.linear(x, enc[0].weight, enc[0].bias)), **TOL)
+
+
+def test_a_container_swapped_for_one_that_holds_the_same_frozen_modules_is_learnt_again():
+    class Boxed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    net = Boxed()
+    ref = copy.deepcopy(net)
+    schedule = lf.Schedule().freeze(["body.0", "body.2"], mode="eval")
+    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(8, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            net(x)
+        assert fz.skip_stats().hits > 0
+        for m in (net, ref):
+            b = m.body
+            m.body = nn.Sequential(b[0], nn.ReLU(), b[2], b[3], b[4])  # the same Linears, a new activation
+        for _ in range(2):
+            torch.testing.assert_close(net(x), ref(x), **TOL)
+    assert any("was replaced in the model" in str(w.message) for w in caught)
+    assert fz.skip_stats().skipping
+
+
+class HandDropout(nn.Module):
+    """The model's own forward reads ``self.training`` after the boundary only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.head(F.dropout(h, 0.1, self.training))
+
+
+def test_a_mode_read_after_the_boundary_keeps_the_store_across_evaluation_passes():
+    torch.manual_seed(0)
+    net = HandDropout()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fz = lf.Freezer(net, opt, lf.Schedule().freeze(["a", "b"], mode="eval"), cache=True)
+    x, y, x_val = torch.randn(64, 6), torch.randint(0, 3, (64,)), torch.randn(16, 6)
+    for epoch in range(3):
+        fz.set_epoch(epoch)
+        net.train()
+        misses = fz.skip_stats().misses
+        for i in torch.randperm(64).split(16):
+            opt.zero_grad()
+            F.cross_entropy(net(x[i]), y[i]).backward()
+            opt.step()
+        if epoch:
+            assert fz.skip_stats().misses == misses  # every training sample served again
+        net.eval()
+        with torch.no_grad():
+            net(x_val)
+
+
+def test_threads_running_forwards_while_a_prefix_module_is_replaced():
+    class Act(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.act, self.b, self.head = nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(self.act(self.a(x)))))
+
+    torch.manual_seed(0)
+    net = Act()
+    xs = [torch.randn(8, 6) for _ in range(4)]
+    with torch.no_grad():
+        expected = [net(x) for x in xs]
+    fz = lf.Freezer(net, None, lf.Schedule().freeze(["a", "b"], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    errors: list[str] = []
+    wrong = [0]
+
+    def work(k: int) -> None:
+        try:
+            for n in range(150):
+                with torch.no_grad():
+                    out = net(xs[(n + k) % 4])
+                if not torch.allclose(out, expected[(n + k) % 4], atol=1e-5):
+                    wrong[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for _ in range(15):
+            net.act = nn.Tanh()  # a new module object each time: the order is learnt again
+            time.sleep(0.005)
+        for t in threads:
+            t.join()
+    assert errors == [] and wrong[0] == 0

@@ -158,6 +158,7 @@ class _Plan:
     keep: list[Any] = field(default_factory=list)
     handed: int = 0  # placeholders returned so far
     call: Any = None  # the entry's (args, kwargs), kept to learn the order on it again
+    learnt: Any = None  # the party's (names, output structures, trace dims) when the forward began
 
 
 def _mode_matters(m: nn.Module) -> bool:
@@ -294,14 +295,19 @@ class _Level:
         parts = {n: modules[n] for n in [*before, cand.b]}
         self.params = [p for m in parts.values() for p in m.parameters()]
         self.modal = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top) if _mode_matters(m)]
-        # where each part sits (a part replaced in the model leaves this level stale)
-        self.places = [(n, modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in parts.items()]
         self.tree = [(n, m) for top, mod in parts.items() for n, m in mod.named_modules(prefix=top)]
         self.tree_ids = {id(m) for _, m in self.tree}
         # the direct tensors of the modules whose code runs around the prefix (the
         # forward's own module, containers): frozen ones are watched with the prefix
         self.around = _around(party, cand.b, modules)
         self.modal_around = [m for m in self.around if _mode_matters(m)]
+        # whether their mode changes the boundary's output (decided by the proof; until then, yes)
+        self.mode_matters = True
+        # where each part and each module around them sits in the model (one replaced, or a
+        # container swapped for another that holds the same parts, leaves this level stale)
+        self.root = model
+        names = {id(m): n for n, m in modules.items()}
+        self.places = [(n, n.split("."), m) for n, m in [*parts.items(), *((names[id(a)], a) for a in self.around)] if n]
         self.outer: list[torch.Tensor] = []
         self.trainable_around: frozenset[int] | None = None
         self.around_changed()
@@ -372,11 +378,14 @@ class _Level:
     def replaced(self) -> str | None:
         """Which part of the prefix is no longer at its place in the model (or has
         another submodule or parameter inside), or None."""
-        for n, parent, key, m in self.places:
-            if parent._modules.get(key) is not m:
+        for n, path, m in self.places:
+            cur: nn.Module | None = self.root
+            for k in path:
+                cur = cur._modules.get(k) if cur is not None else None
+            if cur is not m:
                 return f"{n} was replaced in the model"
         if self.scan()[1] != self.structure:
-            return f"a submodule, parameter or buffer of {', '.join(n for n, *_ in self.places)} was replaced"
+            return f"a submodule, parameter or buffer of {', '.join(self.view.parts)} was replaced".replace("/", ".")
         return None
 
     def outer_token(self) -> tuple[Any, ...]:
@@ -387,7 +396,8 @@ class _Level:
             for k, v in m.__dict__.items():
                 if isinstance(v, torch.Tensor) and not k.startswith("_"):
                     out += (k, id(v), v.data_ptr(), v._version)
-        out += [m.training for m in self.modal_around]
+        if self.mode_matters:
+            out += [m.training for m in self.modal_around]
         return tuple(out)
 
     def entries(self) -> set[bytes]:

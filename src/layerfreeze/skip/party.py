@@ -221,7 +221,7 @@ class SkipParty:
 
     # ---------------------------------------------------------------- the order
 
-    def _arm(self) -> None:
+    def _arm(self, thread: int | None = None) -> None:
         """Hooks that learn the order of the calls on the first forward.
 
         The model's own forward is watched from the start. While every parameter
@@ -243,7 +243,8 @@ class SkipParty:
         me = weakref.ref(self)
         entry: list[Any] = []
         done: list[bool] = []
-        owner: list[int] = []  # the thread whose forward is learnt (others run as they are)
+        # the thread whose forward is learnt (others run as they are): the first to call, or the one tracing
+        owner: list[int] = [] if thread is None else [thread]
         padding = self.config["padding"]
 
         # both take their kwargs as optional: a hook removed while a call runs is
@@ -329,6 +330,10 @@ class SkipParty:
 
     def _trace(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Learn the order on this batch, from ``m``'s own forward (see :meth:`_arm`)."""
+        for h in self._trace_handles:  # hooks of this thread's own, that no forward in flight records into
+            h.remove()
+        self._trace_handles.clear()
+        self._arm(thread=threading.get_ident())
         with _untouched(self.model):
             self._stack.append(self._plan(args, kwargs))
             try:
@@ -342,12 +347,8 @@ class SkipParty:
         self._note(f"{why}; stored outputs dropped, the order of the modules is learnt again")
         for b in list(self._levels):
             self._drop(b)
-        for ref in self._wrapped:
-            m = ref()
-            if m is not None and isinstance(m.__dict__.get("forward"), _SkipForward):
-                del m.__dict__["forward"]
-                _WRAPPED.pop(m, None)
-        self._wrapped.clear()
+        # the skipped modules keep their instance forwards (close() removes them): another
+        # thread's forward in flight still routes them through its own plan
         for h in self._trace_handles + self._unseen_handles:
             h.remove()
         self._trace_handles.clear()
@@ -356,8 +357,7 @@ class SkipParty:
         self._calls, self._outs, self._entry = [], {}, None
         self._refused.clear()
         self._active = self._cand = self._blocker = None
-        self._dirty = True
-        self._arm()
+        self._dirty = True  # the caller learns the order at once (_trace): no hooks another thread could record into
 
     # ---------------------------------------------------------------- the boundary
 
@@ -548,7 +548,7 @@ class SkipParty:
     def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], **how: Any) -> _Plan:
         batch, length = _dims(args, kwargs, self.config["padding"])
         device = next((x.device for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        return _Plan(batch, length, device, **how)
+        return _Plan(batch, length, device, learnt=(self._name_of, self._outs, self._trace_dims), **how)
 
     def _pre(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._stack:  # a forward this party runs itself
@@ -664,9 +664,9 @@ class SkipParty:
 
     def _placeholder(self, m: nn.Module, plan: _Plan) -> Any:
         plan.handed += 1
-        name = self._name_of[id(m)]
-        spec, leaves = self._outs[name]
-        tb, tl = self._trace_dims
+        name_of, outs, (tb, tl) = plan.learnt  # as learnt when this forward began (a relearn may follow)
+        name = name_of[id(m)]
+        spec, leaves = outs[name]
         made = []
         for x in leaves:
             if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.dtype):

@@ -4,6 +4,7 @@ and what it needs (no trace left behind, readers of placeholders found, outputs 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -202,8 +203,11 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
     fed: list[bool] = []  # whether the boundary's output needs grad: something trainable feeds the prefix
     key: str | None = None
 
+    seen: list[list[Any]] = []  # the boundary's output leaves, per full forward
+
     def needs_grad(m: nn.Module, args: Any, out: Any) -> None:
         fed.append(any(isinstance(x, torch.Tensor) and x.requires_grad for x in _leaves(out, {})))
+        seen.append([x.detach() if isinstance(x, torch.Tensor) else x for x in _leaves(out, {})])
 
     try:
         with _untouched(model):
@@ -215,6 +219,8 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
             finally:
                 party._stack.pop()
                 handle.remove()
+        if level.modal_around:
+            level.mode_matters = _mode_changes_boundary(party, level, plain, needs_grad, seen)
         with _untouched(model):
             party._proving = True
             try:
@@ -262,6 +268,37 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
     party._note(reason, key)
     return False
 
+def _mode_changes_boundary(party: SkipParty, level: _Level, plain: Any, hook: Any, seen: list[list[Any]]) -> bool:
+    """Whether the boundary's output changes when the modules around the prefix whose
+    forward reads ``self.training`` are in the other mode (a read before the boundary):
+    then the stored outputs are dropped at each switch; a read after it changes nothing."""
+    entry = party._entry
+    assert entry is not None
+    flags = [m.training for m in level.modal_around]
+    handle = level.b_module.register_forward_hook(hook)
+    try:
+        with _untouched(party.model):
+            for m in level.modal_around:
+                m.training = not m.training  # that module only, not its children
+            party._stack.append(party._plan(*plain))
+            try:
+                entry(*plain[0], **plain[1])
+            finally:
+                party._stack.pop()
+    finally:
+        handle.remove()
+        for m, flag in zip(level.modal_around, flags, strict=True):
+            m.training = flag
+    if len(seen) < 2 or len(seen[0]) != len(seen[-1]):
+        return True
+    for a, b in zip(seen[0], seen[-1], strict=True):
+        same = (_close(a, b) if a.shape == b.shape else False) if isinstance(a, torch.Tensor) and isinstance(
+            b, torch.Tensor) else a == b
+        if not same:
+            return True
+    return False
+
+
 def _trainable_around(party: SkipParty, level: _Level) -> str:
     """The trainable direct parameters of the modules whose code runs around the prefix, named."""
     names = []
@@ -276,11 +313,15 @@ def _watch(party: SkipParty, level: _Level, plan: _Plan, readers: list[Any]) -> 
     track = plan.track
     assert track is not None
     handles = []
+    me = threading.get_ident()
     for name, m in party.model.named_modules():
         if name in level.prefix:
             continue
 
-        def look(mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+        # kwargs optional: another thread's forward that was running when the hook went may call it without
+        def look(mod: nn.Module, args: Any, kwargs: Any = None, name: str = name) -> None:
+            if threading.get_ident() != me:
+                return
             if plan.served and not readers:
                 hit = next((id(x) for x in _leaves(args, kwargs) if id(x) in track), None)
                 if hit is not None:
