@@ -51,6 +51,15 @@ def lockstep(net, schedule, batches, loss, epochs=3, each_epoch=None, each_step=
     return ref, cached, fb, [str(w.message) for w in caught if "layerfreeze" in str(w.message)]
 
 
+def beside(net, schedule):
+    """A plain copy of ``net`` under a Freezer without cache, and ``net``'s Freezer with it, at epoch 0."""
+    ref = copy.deepcopy(net)
+    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
+    fz = lf.Freezer(net, None, schedule, cache=True)
+    fz.set_epoch(0)
+    return ref, fz
+
+
 class Scaled(nn.Module):
     """The forward's own module touches the input before the frozen body sees it."""
 
@@ -250,11 +259,7 @@ def test_a_left_padded_classifier_is_proved_on_its_shortest_row():
                                   num_labels=2)
     torch.manual_seed(0)
     net = transformers.BertForSequenceClassification(cfg)
-    ref = copy.deepcopy(net)
-    schedule = lf.Schedule().freeze(["bert.embeddings", "bert.encoder"], mode="eval")
-    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
-    fz = lf.Freezer(net, None, schedule, cache=True)
-    fz.set_epoch(0)
+    ref, fz = beside(net, lf.Schedule().freeze(["bert.embeddings", "bert.encoder"], mode="eval"))
     g = torch.Generator().manual_seed(0)
     lengths = [8] * PROOF_ROWS + [5, 3, 8, 2]  # the first rows are whole; the pooled position 0 is padding below
     ids = torch.zeros(len(lengths), 8, dtype=torch.long)
@@ -272,11 +277,7 @@ def test_a_left_padded_classifier_is_proved_on_its_shortest_row():
 def test_an_input_that_requires_grad_gets_its_gradient():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-    ref = copy.deepcopy(net)
-    schedule = lf.Schedule().freeze(["[0]", "[2]"], mode="eval")
-    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
-    fz = lf.Freezer(net, None, schedule, cache=True)
-    fz.set_epoch(0)
+    ref, fz = beside(net, lf.Schedule().freeze(["[0]", "[2]"], mode="eval"))
     x = torch.randn(8, 6)
     for _ in range(2):
         net(x)  # stored, then served
@@ -431,11 +432,7 @@ def test_a_module_that_runs_before_the_prefix_on_later_batches_only_is_learnt_th
 def test_a_module_that_runs_between_skipped_modules_on_a_later_batch_fails_that_forward_loudly():
     torch.manual_seed(0)
     net = Detour("inside")
-    ref = copy.deepcopy(net)
-    schedule = lf.Schedule().freeze(["a", "b"], mode="eval")
-    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
-    fz = lf.Freezer(net, None, schedule, cache=True)
-    fz.set_epoch(0)
+    ref, fz = beside(net, lf.Schedule().freeze(["a", "b"], mode="eval"))
     x = torch.randn(8, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -492,11 +489,7 @@ def test_a_container_swapped_for_one_that_holds_the_same_frozen_modules_is_learn
 
     torch.manual_seed(0)
     net = Boxed()
-    ref = copy.deepcopy(net)
-    schedule = lf.Schedule().freeze(["body.0", "body.2"], mode="eval")
-    lf.Freezer(ref, None, copy.deepcopy(schedule)).set_epoch(0)
-    fz = lf.Freezer(net, None, schedule, cache=True)
-    fz.set_epoch(0)
+    ref, fz = beside(net, lf.Schedule().freeze(["body.0", "body.2"], mode="eval"))
     x = torch.randn(8, 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -157,17 +157,18 @@ class _MemoryStore:
         assert self.device is not None
         sidx = torch.tensor(slots, dtype=torch.long, device=self.device)
         tidx = _token_index(offsets, counts, self.device) if any(layout.token) else sidx
-        out = []
-        for buf, t, dtype in zip(bufs, layout.token, layout.dtypes, strict=True):
-            idx = tidx if t else sidx
-            if self.pin:
-                dst = torch.empty((idx.shape[0], *buf.shape[1:]), dtype=buf.dtype, pin_memory=True)
-                torch.index_select(buf, 0, idx, out=dst)
-                got = dst.to(device, non_blocking=True)
-            else:
-                got = buf.index_select(0, idx).to(device)
-            out.append(got if got.dtype == dtype else got.to(dtype))
-        return out
+        return [self._select(buf, tidx if t else sidx, dtype, device)
+                for buf, t, dtype in zip(bufs, layout.token, layout.dtypes, strict=True)]
+
+    def _select(self, buf: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Rows ``idx`` of a buffer, on ``device`` as ``dtype`` (through pinned memory to a GPU)."""
+        if self.pin:
+            dst = torch.empty((idx.shape[0], *buf.shape[1:]), dtype=buf.dtype, pin_memory=True)
+            torch.index_select(buf, 0, idx, out=dst)
+            got = dst.to(device, non_blocking=True)
+        else:
+            got = buf.index_select(0, idx).to(device)
+        return got if got.dtype == dtype else got.to(dtype)
 
     def padded(self, lid: str, slots: list[int], offsets: list[int], counts: list[int], starts: list[int],
                length: int, device: torch.device) -> list[torch.Tensor]:
@@ -190,13 +191,6 @@ class _MemoryStore:
         for buf, t, dtype in zip(bufs, layout.token, layout.dtypes, strict=True):
             idx = tidx if t else sidx
             assert idx is not None
-            shape = (len(slots), length, *buf.shape[1:]) if t else (len(slots), *buf.shape[1:])
-            if self.pin:
-                dst = torch.empty((idx.shape[0], *buf.shape[1:]), dtype=buf.dtype, pin_memory=True)
-                torch.index_select(buf, 0, idx, out=dst)
-                got = dst.to(device, non_blocking=True)
-            else:
-                got = buf.index_select(0, idx).to(device)
-            got = got.view(shape)
-            out.append(got if got.dtype == dtype else got.to(dtype))
+            got = self._select(buf, idx, dtype, device)
+            out.append(got.view(len(slots), length, *buf.shape[1:]) if t else got)
         return out
