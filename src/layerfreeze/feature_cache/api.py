@@ -252,21 +252,13 @@ def _unusable(path: Any) -> str | None:
         return f"path must be a str or os.PathLike, got {type(path).__name__}"
     if not isinstance(text, str) or not text:
         return "path is empty: pass the directory to keep the stored features in (it is created if missing)"
-    full = os.path.abspath(text)
-    if os.path.exists(full):
-        if not os.path.isdir(full):
-            return f"path {text!r} exists and is not a directory; pass a directory (it is created if missing)"
-        return None if os.access(full, os.W_OK | os.X_OK) else f"path {text!r} is not writable"
-    parent = os.path.dirname(full)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return f"path {text!r} cannot be created: {parent!r} is not a writable directory"
-    try:  # what access() cannot tell (a root process, /proc): make it now, as the store would
-        os.makedirs(full, exist_ok=True)
+    if os.path.exists(text) and not os.path.isdir(text):
+        return f"path {text!r} exists and is not a directory; pass a directory (it is created if missing)"
+    try:  # made now, as the store would: what access() cannot tell (a root process, /proc) shows here
+        os.makedirs(text, exist_ok=True)
     except OSError as e:
         return f"path {text!r} cannot be created ({e.strerror or e}); pass a writable directory"
-    return None
+    return None if os.access(text, os.W_OK | os.X_OK) else f"path {text!r} is not writable"
 
 
 def cache_config(

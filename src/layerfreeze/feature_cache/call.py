@@ -467,7 +467,7 @@ class _FeatureCache(_FirstCheck):
             rest = [r[tok:] if t else r[done:] for r, t in zip(rows, layout.token, strict=True)]
             done += self.disk.put(lid, layout, keys[done:], rest, counts[done:])
         if done < len(keys):
-            self._warn("the cache is full (max_bytes reached); further samples are computed, not stored")
+            self._warn("the cache is full (max_bytes reached) for further samples")
 
     def _assemble(self, batch: _keys._Batch, padded: bool, found: list[Any], miss: list[int],
                   layout: _Layout | None, rows: list[torch.Tensor] | None, device: torch.device) -> Any:

@@ -183,6 +183,9 @@ class _PrefixView(nn.Module):
     def __init__(self, parts: dict[str, nn.Module], boundary: str, party: SkipParty) -> None:
         super().__init__()
         self.parts = nn.ModuleDict({n.replace(".", "/"): m for n, m in parts.items()})
+        # the view's own two containers hold no state: out of the walk's "in training mode"
+        # (set directly: .eval() would reach the model's modules)
+        self.training = self.parts.training = False
         self.boundary = boundary
         self._party = weakref.ref(party)
 
@@ -203,7 +206,7 @@ class _LevelCache(_FeatureCache):
         self._party = weakref.ref(party)
 
     def _scan(self) -> tuple[tuple[Any, ...], bool]:
-        token, _, hooks = self._level.scan()
+        token, _, hooks, _ = self._level.scan()
         return (token, hooks, self._level.outer_token()), self._level.unsafe() is not None
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -228,8 +231,7 @@ class _LevelCache(_FeatureCache):
         self._level.bypass = reason
         party = self._party()
         if party is not None:
-            tail = "" if reason.endswith("computed, not stored") else "; computed, not stored"
-            party._note(f"{self.name}: {reason}{tail}")
+            party._note(f"{self.name}: {reason}; computed, not stored")
 
     def _fingerprints(self) -> torch.Tensor:
         # levels share the bottom of their prefix: within one forward, each tensor is read once
@@ -325,29 +327,32 @@ class _Level:
         party = self._party()
         if party is not None and party._scans is not None:
             party._scans.pop(id(self), None)
-        _, self.structure, self.hooks = self.scan()
+        _, self.structure, self.hooks, _ = self.scan()
 
-    def scan(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    def scan(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...], bool]:
         """One walk over the prefix's tree per forward (kept for the forward's other checks):
-        its cache's token, its structure, its hooks."""
+        its cache's token, its structure, its hooks, and whether anything in it requires
+        grad or is in training mode."""
         party = self._party()
         memo = party._scans if party is not None else None
         got = memo.get(id(self)) if memo is not None else None
         if got is None:
-            token, structure, hooks, _ = self.cache._walk()
-            got = (token, structure, hooks)
+            token, structure, hooks, live = self.cache._walk()
+            got = (token, structure, hooks, live)
             if memo is not None:
                 memo[id(self)] = got
         return got
 
     def unsafe(self) -> str | None:
-        for p in self.params:
-            if p.requires_grad:
-                return "a parameter of the prefix is trainable"
-        for n, m in self.modal:
-            if m.training:
-                return f"{n} is in training mode"
-        if self.scan()[2] == self.hooks:  # no hook added since: the walk below would find nothing
+        _, _, hooks, live = self.scan()
+        if live:  # something in the tree requires grad or is in training mode: which, and does it matter?
+            for p in self.params:
+                if p.requires_grad:
+                    return "a parameter of the prefix is trainable"
+            for n, m in self.modal:
+                if m.training:
+                    return f"{n} is in training mode"
+        if hooks == self.hooks:  # no hook added since: the walk below would find nothing
             return self._around_hooked()
         for n, m in self.tree:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or \

@@ -86,6 +86,15 @@ def _leaves(args: Any, kwargs: Any) -> list[Any]:
     return leaves
 
 
+def _mask(args: Any, kwargs: Any, padding: str | None) -> torch.Tensor | None:
+    """The call's 2-D ``padding`` mask (an argument or dict entry of that name), or None."""
+    leaves: list[Any] = []
+    names: list[str | None] = []
+    _flatten((tuple(args), dict(kwargs)), leaves, names)
+    return next((x for x, n in zip(leaves, names, strict=True)
+                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+
+
 def _dims(args: Any, kwargs: Any, padding: str | None) -> tuple[int, int | None]:
     """The batch size and padded length of a call (length: the ``padding`` mask's,
     else dimension 1 of the first tensor with two or more)."""
@@ -118,13 +127,9 @@ def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, paddin
     shortest and the longest (so a model that reads a padded position is seen)."""
     if batch <= PROOF_ROWS:
         return list(range(batch))
-    leaves: list[Any] = []
-    names: list[str | None] = []
-    _flatten(call, leaves, names)
-    mask = next((x for x, n in zip(leaves, names, strict=True)
-                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == batch), None)
+    mask = _mask(*call, padding)
     first: list[int] = []
-    if mask is not None:
+    if mask is not None and mask.shape[0] == batch:
         real = (mask != 0).sum(1)
         first = [int(real.argmin()), int(real.argmax())]
     picked: list[int] = []
@@ -162,14 +167,8 @@ def _differ(full: Any, skipped: Any, plan: _Plan, padding: str | None, args: Any
     names: list[str | None] = []
     if _flatten(full, a, names) != _flatten(skipped, b):
         return "the output's structure differs"
-    real = None
-    leaves: list[Any] = []
-    lnames: list[str | None] = []
-    _flatten((tuple(args), dict(kwargs)), leaves, lnames)
-    mask = next((x for x, n in zip(leaves, lnames, strict=True)
-                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
-    if mask is not None:
-        real = mask != 0
+    mask = _mask(args, kwargs, padding)
+    real = None if mask is None else mask != 0
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         what = f"output {names[i] or i}"
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
