@@ -578,3 +578,205 @@ def test_threads_running_forwards_while_a_prefix_module_is_replaced():
         for t in threads:
             t.join()
     assert errors == [] and wrong[0] == 0
+
+
+# ----------------------------------------------------------------- nested tensors
+
+
+class Encoded(nn.Module):
+    """``nn.TransformerEncoder`` with its defaults (``enable_nested_tensor=True``):
+    in eval mode with a padding mask its layers pass nested tensors."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if norm else None)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, pad):
+        h = self.encoder(x, src_key_padding_mask=pad)
+        keep = (~pad).float()[..., None]
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def padded_data():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
+    pad = torch.zeros(16, 6, dtype=torch.bool)
+    pad[::2, 4:] = True
+    return [(x[:8], pad[:8], y[:8]), (x[8:], pad[8:], y[8:])]
+
+
+def ce_padded(m, batch):
+    return F.cross_entropy(m(batch[0], batch[1]), batch[2])
+
+
+LAYERS = lf.Schedule().freeze(["encoder.layers.0", "encoder.layers.1"], mode="eval")
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.filterwarnings("ignore:.*nested tensors is in prototype")
+def test_a_transformer_encoder_on_its_nested_fast_path_frozen_whole_is_skipped():
+    torch.manual_seed(0)
+    _, _, fz, _ = lockstep(Encoded(norm=False), copy.deepcopy(LAYERS), padded_data(), ce_padded)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.module == "encoder" and stats.hits > 0
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.filterwarnings("ignore:.*nested tensors is in prototype")
+def test_nested_outputs_inside_a_partly_frozen_encoder_are_refused_with_the_way_out():
+    torch.manual_seed(0)  # the norm trains: the boundary is a layer, whose output is nested
+    _, _, fz, said = lockstep(Encoded(norm=True), copy.deepcopy(LAYERS), padded_data(), ce_padded)
+    stats = fz.skip_stats()
+    assert not stats.skipping
+    assert "nested tensor" in stats.reason and "enable_nested_tensor=False" in stats.reason
+    assert sum("nested tensor" in w for w in said) == 1
+
+
+# ------------------------------------------------------- transformers' output capture
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)  # the same numbers in both runs
+    return transformers.BertModel(config, add_pooling_layer=False)
+
+
+class Tagger(nn.Module):
+    def __init__(self, pool: str = "masked") -> None:
+        super().__init__()
+        self.bert = tiny_bert()
+        self.head = nn.Linear(32, 3)
+        self.pool = pool
+
+    def forward(self, input_ids, attention_mask, **kw):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        h = out.last_hidden_state
+        if self.pool == "mean":  # reads padded positions
+            return self.head(h.mean(1)), out
+        if self.pool == "first":
+            return self.head(h[:, 0]), out
+        m = attention_mask[..., None].float()
+        return self.head((h * m).sum(1) / m.sum(1)), out
+
+
+BERT_GROUPS = lf.Schedule().freeze(["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"], mode="eval")
+
+
+def token_batch(lengths, seed=0, left=False):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, 100, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            ids[i, width - len(s):] = s
+        else:
+            ids[i, : len(s)] = s
+    return ids, (ids != 0).long()
+
+
+def test_hidden_states_asked_for_after_skipping_are_the_real_ones_and_skipping_goes_on():
+    torch.manual_seed(0)
+    net = Tagger()
+    ref = copy.deepcopy(net)
+    lf.Freezer(ref, None, copy.deepcopy(BERT_GROUPS)).set_epoch(0)
+    fz = lf.Freezer(net, None, BERT_GROUPS, cache=True)
+    fz.set_epoch(0)
+    ids, mask = token_batch([5, 7, 4, 7, 6, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: transformers' idle hooks do not stop the skipping
+        for _ in range(2):
+            net(ids, mask)
+        assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+        with torch.no_grad():
+            got = net(ids, mask, output_hidden_states=True)[1].hidden_states
+            want = ref(ids, mask, output_hidden_states=True)[1].hidden_states
+        assert len(got) == len(want) == 4
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, **TOL)
+        hits = fz.skip_stats().hits
+        net(ids, mask)
+        net(ids, mask)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.reason is None and stats.hits > hits
+
+
+# ------------------------------------------------------------- the proof's padding
+
+
+def bert_batches(first_whole: bool, left: bool = False):
+    lengths = [7, 7, 7, 7, 7, 7] if first_whole else [7, 3, 5, 7, 4, 6]
+    return [(*token_batch(lengths, seed=1, left=left), torch.tensor([0, 1, 2, 0, 1, 2])),
+            (*token_batch([7, 2, 6, 4, 7, 3], seed=2, left=left), torch.tensor([2, 1, 0, 2, 1, 0]))]
+
+
+def ce_tokens(m, batch):
+    return F.cross_entropy(m(batch[0], batch[1])[0], batch[2])
+
+
+@pytest.mark.parametrize("first_whole", [False, True])
+def test_a_head_reading_padded_positions_is_refused_whatever_the_first_batch(first_whole):
+    torch.manual_seed(0)
+    _, _, fz, said = lockstep(Tagger("mean"), copy.deepcopy(BERT_GROUPS), bert_batches(first_whole), ce_tokens,
+                              epochs=2)
+    assert not fz.skip_stats().skipping
+    assert "differs" in fz.skip_stats().reason
+    assert sum("differs" in w for w in said) == 1
+
+
+def test_a_mask_passed_by_position_picks_the_proofs_padded_rows():
+    torch.manual_seed(0)  # left padding, pooled at position 0: a padded position for the shorter rows
+    batches = bert_batches(first_whole=False, left=True)
+    ids, mask = token_batch([7, 7, 7, 7, 3, 5], seed=3, left=True)  # the first PROOF_ROWS rows whole
+    batches[0] = (ids, mask, batches[0][2])
+    _, _, fz, _ = lockstep(Tagger("first"), copy.deepcopy(BERT_GROUPS), batches, ce_tokens, epochs=2)
+    assert not fz.skip_stats().skipping
+    assert "differs" in fz.skip_stats().reason
+
+
+def test_a_masked_head_still_skips_after_the_proofs_padded_position():
+    torch.manual_seed(0)
+    _, _, fz, said = lockstep(Tagger(), copy.deepcopy(BERT_GROUPS), bert_batches(first_whole=True), ce_tokens,
+                              epochs=2)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+    assert said == []
+
+
+# -------------------------------------------------------------- inputs edited in place
+
+
+class Scales(nn.Module):
+    """Scales its input in place before the frozen layers (``x /= 255`` style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x.div_(2)
+        return self.head(self.body(x))
+
+
+def test_a_model_that_edits_its_input_in_place_sees_it_edited_once():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    seen = []
+
+    def loss(m, batch):
+        i = batch
+        x = xs[i].clone()
+        out = m(x)
+        seen.append(torch.allclose(x, xs[i] / 2))
+        return F.cross_entropy(out, ys[i])
+
+    schedule = lf.Schedule().freeze(["body.0", "body.2"], mode="eval")
+    _, _, fz, said = lockstep(Scales(), schedule, [torch.arange(8), torch.arange(8, 16)], loss)
+    assert all(seen) and len(seen) == 12
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.hits > 0 and said == []

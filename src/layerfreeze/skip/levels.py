@@ -4,7 +4,9 @@ of that tree), and the small records the party keeps (see :mod:`layerfreeze.skip
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +143,10 @@ class _Candidate:
     group_b: str | None = None  # when climbed (see SkipParty._climb): the group's own boundary
 
 
+#: What the order's trace records for a nested tensor output (no shape to make a placeholder of).
+_NESTED = ("nested",)
+
+
 @dataclass
 class _Plan:
     """What one forward does: serve a level's stored output, stop at a module, or neither."""
@@ -256,13 +262,39 @@ def _obstacle(n: str, m: nn.Module) -> str | None:
     """Why module ``m`` (named ``n``) cannot be skipped whatever its mode: hooks, an instance forward."""
     from .party import _SkipForward
 
-    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    if any(h is not inert and not isinstance(h, _Unseen) for d in hooks for h in d.values()):  # inert: in a copy
+    hooks = (m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    if any(h is not inert and not isinstance(h, _Unseen) for d in hooks for h in d.values()) or any(
+            h is not inert and not _capturing_hook(h) for h in m._forward_hooks.values()):  # inert: in a copy
         return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
     own = m.__dict__.get("forward")
     if own is not None and not isinstance(own, _SkipForward):
         return f"{n} has an instance forward; the Freezer skips only modules without one"
     return None
+
+
+# transformers records hidden states and attentions through forward hooks of this module, left
+# on the layers once installed and idle unless a call asks for those outputs (see capturing())
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+def _capturing_hook(h: Any) -> bool:
+    return getattr(h, "__module__", None) == _CAPTURE_MODULE
+
+
+def capturing(modules: Iterable[nn.Module]) -> bool:
+    """Whether the call in flight asks transformers to record outputs (``output_hidden_states``,
+    ``output_attentions``) through hooks on some of ``modules``: they need the real outputs."""
+    mod = sys.modules.get(_CAPTURE_MODULE)
+    collector = getattr(mod, "_active_collector", None)
+    if collector is None:
+        return False
+    try:
+        active = collector.get()
+    except Exception:  # another version's collector: take it as asking
+        active = True
+    if not active:
+        return False
+    return any(_capturing_hook(h) for m in modules for h in m._forward_hooks.values())
 
 
 def _pre_hooked(m: nn.Module) -> bool:
@@ -360,6 +392,7 @@ class _Level:
                 why = _obstacle(n, m)
                 if why is not None:
                     return why
+        self.hooks = hooks  # none of them stands in the way (transformers' idle ones): not walked again
         return self._around_hooked()
 
     def _around_hooked(self) -> str | None:

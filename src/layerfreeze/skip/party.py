@@ -19,6 +19,7 @@ from ..hooks import ModelHook, call_eagerly
 from ..rules import _roots
 from ..selectors import ModelIndex
 from .levels import (
+    _NESTED,
     SkipStats,
     _around,
     _Call,
@@ -30,8 +31,9 @@ from .levels import (
     _pre_hooked,
     _Stop,
     _Unseen,
+    capturing,
 )
-from .proof import _dims, _leaves, _untouched, prove
+from .proof import _dims, _leaves, _untouched, copied, prove
 
 __all__ = ["SkipParty"]
 
@@ -271,7 +273,8 @@ class SkipParty:
             if c.name not in outs and out is not None:
                 leaves: list[Any] = []
                 spec = _flatten(out, leaves)
-                outs[c.name] = (spec, [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+                outs[c.name] = (spec, [_NESTED if isinstance(x, torch.Tensor) and x.is_nested
+                                       else (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
                                        for x in leaves])
             party = me()
             if not stack:
@@ -337,7 +340,8 @@ class SkipParty:
         with _untouched(self.model):
             self._stack.append(self._plan(args, kwargs))
             try:
-                m(*args, **kwargs)
+                call_args, call_kwargs = copied(args, kwargs)
+                m(*call_args, **call_kwargs)
             finally:
                 self._stack.pop()
 
@@ -426,6 +430,19 @@ class SkipParty:
                         "the Freezer skip the prefix")
         return None
 
+    def _nested(self, cand: _Candidate) -> str | None:
+        """Why the boundary's output, or a placeholder it needs, cannot be made: a nested
+        tensor (``nn.TransformerEncoder``'s fast path in eval mode passes them between its
+        layers) has no per-sample rows of one shape."""
+        before, _ = self._prefix(cand.b)
+        for n in [*before, cand.b]:
+            got = self._outs.get(n)
+            if got is not None and any(x is _NESTED for x in got[1]):
+                return (f"{n} returns a nested tensor (the fast path of nn.TransformerEncoder in eval mode), "
+                        "which has no rows to store; build the encoder with enable_nested_tensor=False, or "
+                        "freeze it whole, to let the Freezer skip it")
+        return None
+
     @staticmethod
     def _blocks(blocker: tuple[nn.Module, str]) -> bool:
         """Whether what kept the top group from being skipped still does."""
@@ -450,8 +467,11 @@ class SkipParty:
             self._last_blocker = None
             why = self._eligible(c)
             if why is None:
-                best = self._climb(c)
-                break
+                up = self._climb(c)
+                why = self._nested(up)
+                if why is None:
+                    best = up
+                    break
             if i == 0:
                 reason = why
                 self._blocker = self._last_blocker
@@ -621,8 +641,9 @@ class SkipParty:
         try:
             entry = self._entry
             assert entry is not None
+            call_args, call_kwargs = copied(args, kwargs)
             with torch.no_grad():
-                entry(*args, **kwargs)
+                entry(*call_args, **call_kwargs)
         except _Stop as stop:
             return stop.out
         finally:
@@ -631,6 +652,10 @@ class SkipParty:
 
     def _module_call(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = self._stack[-1] if self._stack else None
+        if plan is not None and plan.serve is not None and not plan.served and not plan.handed and (
+                m is plan.serve.b_module or id(m) in plan.serve.before_ids) and capturing(
+                x for _, x in plan.serve.tree):
+            plan.serve = None  # hooks record the prefix's outputs in this call: it runs in full
         if plan is not None and plan.serve is not None and not plan.served:
             if m is plan.serve.b_module:
                 plan.served = True

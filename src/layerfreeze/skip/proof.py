@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..feature_cache.check import _close
-from ..feature_cache.layout import _CONST_TYPES, _flatten, _unflatten
+from ..feature_cache.layout import _CONST_TYPES, _build, _flatten, _unflatten
 from .levels import _Level, _Plan, _Stop
 
 if TYPE_CHECKING:
@@ -86,13 +86,58 @@ def _leaves(args: Any, kwargs: Any) -> list[Any]:
     return leaves
 
 
-def _mask(args: Any, kwargs: Any, padding: str | None) -> torch.Tensor | None:
-    """The call's 2-D ``padding`` mask (an argument or dict entry of that name), or None."""
+def _named(args: Any, kwargs: Any, positional: Sequence[str] = ()) -> tuple[Any, list[Any], list[str | None]]:
+    """The call's structure, leaves and their names (a positional argument named by the
+    entry's signature, ``positional``)."""
     leaves: list[Any] = []
     names: list[str | None] = []
-    _flatten((tuple(args), dict(kwargs)), leaves, names)
+    arg_specs = tuple(_flatten(a, leaves, names, positional[i] if i < len(positional) else None)
+                      for i, a in enumerate(args))
+    spec = (arg_specs, _flatten(dict(kwargs), leaves, names))
+    return spec, leaves, names
+
+
+def _mask(args: Any, kwargs: Any, padding: str | None, positional: Sequence[str] = ()) -> torch.Tensor | None:
+    """The call's 2-D ``padding`` mask (an argument or dict entry of that name), or None."""
+    _, leaves, names = _named(args, kwargs, positional)
     return next((x for x, n in zip(leaves, names, strict=True)
                  if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+
+
+def _one_padded(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: str | None,
+                positional: Sequence[str]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The proof's calls with a padded position in them: where the ``padding`` mask marks
+    every position real, the last token of the row with the most real tokens is masked
+    out, in a copy of the mask. A model that reads a padded position (an unmasked mean,
+    say) is then seen whatever the padding of the batch at hand."""
+    first = _mask(*calls[0], padding, positional)
+    if first is None or first.shape[1] < 2 or not bool((first != 0).all()):
+        return calls
+    row = int((first != 0).sum(1).argmax())
+    out = []
+    for args, kwargs in calls:
+        spec, leaves, names = _named(args, kwargs, positional)
+        mask = next((x for x, n in zip(leaves, names, strict=True)
+                     if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+        if mask is None or mask.shape != first.shape:
+            return calls
+        new = mask.clone()
+        new[row, -1] = 0
+        it = iter([new if x is mask else x for x in leaves])
+        arg_specs, kw_spec = spec
+        out.append((tuple(_build(a, it) for a in arg_specs), dict(_build(kw_spec, it))))
+    return out
+
+
+def copied(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with its tensors copied, for a forward the party runs itself (learning the order,
+    the proof, a miss): the caller's tensors stay as they were, even under a model that edits its
+    input in place (``x.div_(255)``), which the training forward then does once, as without skipping."""
+    leaves: list[Any] = []
+    spec = _flatten((tuple(args), dict(kwargs)), leaves)
+    made = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in leaves]
+    a, k = _unflatten(spec, made)
+    return tuple(a), dict(k)
 
 
 def _dims(args: Any, kwargs: Any, padding: str | None) -> tuple[int, int | None]:
@@ -122,12 +167,13 @@ def _ids_list(spec: Any, batch: int) -> bool:
     return False
 
 
-def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, padding: str | None) -> list[int]:
+def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, padding: str | None,
+                positional: Sequence[str] = ()) -> list[int]:
     """Which samples the proof runs: the first ones, and in a padded batch the
     shortest and the longest (so a model that reads a padded position is seen)."""
     if batch <= PROOF_ROWS:
         return list(range(batch))
-    mask = _mask(*call, padding)
+    mask = _mask(*call, padding, positional)
     first: list[int] = []
     if mask is not None and mask.shape[0] == batch:
         real = (mask != 0).sum(1)
@@ -160,14 +206,15 @@ def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
     return tuple(args), dict(kwargs)
 
 
-def _differ(full: Any, skipped: Any, plan: _Plan, padding: str | None, args: Any, kwargs: Any) -> str | None:
+def _differ(full: Any, skipped: Any, plan: _Plan, padding: str | None, args: Any, kwargs: Any,
+            positional: Sequence[str] = ()) -> str | None:
     """Why the skipped forward's output is not the full one's, or None."""
     a: list[Any] = []
     b: list[Any] = []
     names: list[str | None] = []
     if _flatten(full, a, names) != _flatten(skipped, b):
         return "the output's structure differs"
-    mask = _mask(args, kwargs, padding)
+    mask = _mask(args, kwargs, padding, positional)
     real = None if mask is None else mask != 0
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         what = f"output {names[i] or i}"
@@ -188,12 +235,14 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
            plain: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
     """Run the batch's first :data:`PROOF_ROWS` samples fully and skipped; refuse
     the boundary if an output differs."""
-    batch, _ = _dims(*plain, party.config["padding"])
+    padding, positional = party.config["padding"], party._positional
+    batch, _ = _dims(*plain, padding)
     if batch > PROOF_ROWS:
-        rows = _proof_rows(plain, batch, party.config["padding"])
+        rows = _proof_rows(plain, batch, padding, positional)
         cut, cut_plain = _first_rows((args, kwargs), batch, rows), _first_rows(plain, batch, rows)
         if cut is not None and cut_plain is not None:
             (args, kwargs), plain = cut, cut_plain
+    (args, kwargs), plain = _one_padded([(args, kwargs), plain], padding, positional)
     entry = party._entry
     assert entry is not None
     model = party.model
@@ -213,8 +262,9 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
             party._stack.append(party._plan(*plain))
             handle = level.b_module.register_forward_hook(needs_grad)
             try:
+                call = copied(*plain)
                 with torch.enable_grad():
-                    full = entry(*plain[0], **plain[1])
+                    full = entry(*call[0], **call[1])
             finally:
                 party._stack.pop()
                 handle.remove()
@@ -229,13 +279,14 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
             handles = _watch(party, level, plan, readers)
             party._stack.append(plan)
             try:
+                call = copied(*plain)
                 with _Readers(plan, readers):
-                    skipped = entry(*plain[0], **plain[1])
+                    skipped = entry(*call[0], **call[1])
             finally:
                 party._stack.pop()
                 for h in handles:
                     h.remove()
-        why = _differ(full, skipped, plan, party.config["padding"], *plain)
+        why = _differ(full, skipped, plan, padding, *plain, positional)
         if why is None and readers:
             why = "a placeholder's values were read"
         if any(fed):
@@ -281,7 +332,8 @@ def _mode_changes_boundary(party: SkipParty, level: _Level, plain: Any, hook: An
                 m.training = not m.training  # that module only, not its children
             party._stack.append(party._plan(*plain))
             try:
-                entry(*plain[0], **plain[1])
+                call = copied(*plain)
+                entry(*call[0], **call[1])
             finally:
                 party._stack.pop()
     finally:
