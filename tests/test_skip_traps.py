@@ -780,3 +780,26 @@ def test_a_model_that_edits_its_input_in_place_sees_it_edited_once():
     assert all(seen) and len(seen) == 12
     stats = fz.skip_stats()
     assert stats.skipping and stats.hits > 0 and said == []
+
+
+class SequenceFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: (batch, sequence, 16)
+        return self.head(self.encoder(x.transpose(0, 1)).mean(0))
+
+
+def test_a_sequence_first_encoder_is_named_as_in_the_model():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 5, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
+    schedule = lf.Schedule().freeze(["encoder.layers.0"], mode="eval")
+    _, _, fz, said = lockstep(SequenceFirst(), schedule, [(x[:8], y[:8]), (x[8:], y[8:])], ce)
+    stats = fz.skip_stats()
+    assert not stats.skipping and "batch_first=True" in stats.reason
+    assert "encoder.layers.0.self_attn" in stats.reason and "parts." not in stats.reason
+    assert any("encoder.layers.0.self_attn" in w for w in said) and not any("parts." in w for w in said)

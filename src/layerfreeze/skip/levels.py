@@ -4,6 +4,7 @@ of that tree), and the small records the party keeps (see :mod:`layerfreeze.skip
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import weakref
 from collections.abc import Iterable
@@ -234,6 +235,8 @@ class _LevelCache(_FeatureCache):
                        "to let the Freezer skip it")
 
     def _warn(self, reason: str) -> None:
+        # the view's names of the model's modules (parts.encoder/layers/0.attn) as the model's own
+        reason = re.sub(r"\bparts\.([\w/]+)", lambda g: g.group(1).replace("/", "."), reason)
         self._level.bypass = reason
         party = self._party()
         if party is not None:
