@@ -803,3 +803,42 @@ def test_a_sequence_first_encoder_is_named_as_in_the_model():
     assert not stats.skipping and "batch_first=True" in stats.reason
     assert "encoder.layers.0.self_attn" in stats.reason and "parts." not in stats.reason
     assert any("encoder.layers.0.self_attn" in w for w in said) and not any("parts." in w for w in said)
+
+
+def test_a_module_two_models_share_under_two_freezers_says_so_and_trains_the_same():
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = shared, nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    nets = [Net(), Net()]
+    refs = copy.deepcopy(nets)  # one deepcopy: the copies share their body too
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets + refs]
+    fzs = [lf.Freezer(n, o, lf.Schedule().freeze(["body"], mode="eval"), cache=True) for n, o in zip(nets, opts)]
+    for n, o in zip(refs, opts[2:], strict=True):
+        lf.Freezer(n, o, lf.Schedule().freeze(["body"], mode="eval")).set_epoch(0)
+    for fz in fzs:
+        fz.set_epoch(0)
+    batches = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for batch in batches:
+                losses = []
+                for n, o in zip(nets + refs, opts, strict=True):
+                    o.zero_grad()
+                    value = ce(n, batch)
+                    value.backward()
+                    o.step()
+                    losses.append(value.detach())
+                torch.testing.assert_close(losses[0], losses[2], **TOL)
+                torch.testing.assert_close(losses[1], losses[3], **TOL)
+    reasons = [fz.skip_stats().reason or "" for fz in fzs]
+    assert any("another Freezer" in r for r in reasons) and not any("remove them" in r for r in reasons)
+    assert any("another Freezer" in str(w.message) for w in caught)

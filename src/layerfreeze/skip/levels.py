@@ -266,8 +266,12 @@ def _obstacle(n: str, m: nn.Module) -> str | None:
     from .party import _SkipForward
 
     hooks = (m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    if any(h is not inert and not isinstance(h, _Unseen) for d in hooks for h in d.values()) or any(
-            h is not inert and not _capturing_hook(h) for h in m._forward_hooks.values()):  # inert: in a copy
+    found = [h for d in hooks for h in d.values() if h is not inert and not isinstance(h, _Unseen)]
+    found += [h for h in m._forward_hooks.values() if h is not inert and not _capturing_hook(h)]  # inert: in a copy
+    if found and all(isinstance(h, ModelHook) for h in found):
+        return (f"{n} is watched by another Freezer with cache= (a module two models share, say); a module is "
+                "skipped by one Freezer only")
+    if found:
         return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
     own = m.__dict__.get("forward")
     if own is not None and not isinstance(own, _SkipForward):
