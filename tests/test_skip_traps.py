@@ -820,7 +820,7 @@ def test_a_module_two_models_share_under_two_freezers_says_so_and_trains_the_sam
     nets = [Net(), Net()]
     refs = copy.deepcopy(nets)  # one deepcopy: the copies share their body too
     opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets + refs]
-    fzs = [lf.Freezer(n, o, lf.Schedule().freeze(["body"], mode="eval"), cache=True) for n, o in zip(nets, opts)]
+    fzs = [lf.Freezer(n, o, lf.Schedule().freeze(["body"], mode="eval"), cache=True) for n, o in zip(nets, opts[:2], strict=True)]
     for n, o in zip(refs, opts[2:], strict=True):
         lf.Freezer(n, o, lf.Schedule().freeze(["body"], mode="eval")).set_epoch(0)
     for fz in fzs:
