@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -97,3 +98,75 @@ def test_skipped_forward_is_the_full_forward(widths, acts, data, seed):
         torch.testing.assert_close(net(x[take]), ref(x[take]), atol=1e-5, rtol=1e-4)
     s = fz.skip_stats()
     assert s.skipping and s.module == str(2 * (k - 1))
+
+
+class _Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.register_buffer("scale", torch.ones(5))  # frozen, read before the prefix
+        self.gain = 1.0
+
+    def forward(self, x):
+        return self.head(self.backbone(x * self.scale * self.gain))
+
+
+def _climbing(path: Path, state: dict | None = None, climb: bool = True):
+    net = _Backbone()
+    if state is not None:
+        net.load_state_dict(state)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    sched = lf.Schedule().progressive_freeze(["backbone.0", "backbone.2"], start=0.25, end=0.5, total_epochs=4,
+                                             mode="eval") if climb else lf.Schedule().freeze("backbone", mode="eval")
+    return net, opt, lf.Freezer(net, opt, sched, cache={"store": "disk", "path": str(path)})
+
+
+def _train(net, opt, fz, epochs, x, y):
+    for epoch in epochs:
+        fz.set_epoch(epoch)
+        for bx, by in batches(x, y, 8, epoch):
+            opt.zero_grad()
+            F.cross_entropy(net(bx), by).backward()
+            opt.step()
+
+
+def test_a_restarted_run_hits_after_the_boundary_climbed(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    net, opt, fz = _climbing(tmp_path / "store")
+    _train(net, opt, fz, range(3), x, y)  # epoch 1: backbone.0; epoch 2: the whole backbone
+    assert fz.skip_stats().module == "backbone"
+    state = copy.deepcopy(net.state_dict())
+    fz.close()
+    net, opt, fz = _climbing(tmp_path / "store", state)  # a new model: none of the old one's leftovers
+    fz.set_epoch(3)
+    net(x[:8])
+    stats = fz.skip_stats()
+    assert stats.module == "backbone" and stats.misses == 0 and stats.hits >= 8
+
+
+@pytest.mark.parametrize("change", ["buffer", "code"])
+def test_a_restarted_run_with_another_input_scaling_does_not_reuse_the_store(tmp_path, change, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    net, opt, fz = _climbing(tmp_path / "store", climb=False)
+    _train(net, opt, fz, range(3), x, y)
+    state = copy.deepcopy(net.state_dict())
+    fz.close()
+    if change == "buffer":
+        state["scale"].fill_(3.0)  # another checkpoint's buffer around the prefix
+    else:  # the model's own forward changed between the runs
+        monkeypatch.setattr(_Backbone, "forward", lambda self, x: self.head(self.backbone(x * self.scale * 3.0)))
+    net, opt, fz = _climbing(tmp_path / "store", state, climb=False)
+    fz.set_epoch(3)
+    ref = _Backbone()
+    ref.load_state_dict(state)
+    fresh = torch.randn(8, 5, generator=g)  # the proof runs on samples the old store does not hold
+    with torch.no_grad():
+        for bx in [fresh, *(bx for bx, _ in batches(x, y, 8, 3))]:
+            torch.testing.assert_close(net(bx), ref(bx), atol=1e-6, rtol=1e-5)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.hits > 0  # it skips, on outputs stored afresh

@@ -148,15 +148,16 @@ def _plain(v: Any) -> Any:
     return None
 
 
-def structure_digest(module: nn.Module, base: type) -> str:
-    """A digest of the module tree: names, classes, plain configuration, forward code."""
+def structure_digest(module: nn.Module, base: type, ignore: tuple[type, ...] = ()) -> str:
+    """A digest of the module tree: names, classes, plain configuration, forward code
+    (an instance ``forward`` of a type in ``ignore`` is left out: the library's own)."""
     h = hashlib.blake2b(digest_size=16)
     for name, m in module.named_modules():
         cls = base if m is module else type(m)
         h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|".encode())
         h.update(_code_digest(getattr(cls, "forward", None)))
         own = m.__dict__.get("forward")
-        if own is not None:
+        if own is not None and not isinstance(own, ignore):
             h.update(_code_digest(own))
         h.update(own_config(m).encode())
     return h.hexdigest()

@@ -3,6 +3,7 @@ of that tree), and the small records the party keeps (see :mod:`layerfreeze.skip
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import sys
@@ -17,7 +18,8 @@ from torch import nn
 from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
 from ..feature_cache.api import cache_config
 from ..feature_cache.call import _FeatureCache
-from ..feature_cache.validity import fingerprints, own_config
+from ..feature_cache.stores import _as_bytes, _buffer
+from ..feature_cache.validity import _code_digest, fingerprints, own_config, structure_digest
 from ..hooks import ModelHook, inert
 
 if TYPE_CHECKING:
@@ -220,8 +222,22 @@ class _LevelCache(_FeatureCache):
         return super()._tensors() + self._level.outer
 
     def _structure(self) -> str:
-        # the plain attributes of the modules around the prefix may feed it too (``x * self.temperature``)
-        return super()._structure() + "|" + "|".join(own_config(m) for m in self._level.around)
+        # the Freezer's own instance forwards on the prefix are not the model's code (a run that
+        # resumes has them on other modules); the code and plain attributes of the modules around
+        # the prefix may feed it too (``x * self.temperature``)
+        from .party import _SkipForward
+
+        around = [f"{type(m).__module__}.{type(m).__qualname__}:{_code_digest(getattr(type(m), 'forward', None)).hex()}"
+                  f":{own_config(m)}" for m in self._level.around]
+        return structure_digest(self.module, self.base, (_SkipForward,)) + "|" + "|".join(around)
+
+    def _digest(self, struct: str) -> str:
+        # the disk directory: the tensors around the prefix that feed it (``x * self.scale``) too
+        h = hashlib.blake2b(super()._digest(struct).encode(), digest_size=16)
+        for i, t in enumerate(self._level.outer + self._level.outer_attrs()):
+            h.update(f"{i}|{tuple(t.shape)}|{t.dtype}".encode())
+            h.update(_buffer(_as_bytes(t.detach().cpu().reshape(1, -1))))
+        return h.hexdigest()
 
     def _why_not(self, inputs: list[Any]) -> str | None:
         reason = self._level.unsafe()
@@ -432,6 +448,11 @@ class _Level:
         if self.scan()[1] != self.structure:
             return f"a submodule, parameter or buffer of {', '.join(self.view.parts)} was replaced".replace("/", ".")
         return None
+
+    def outer_attrs(self) -> list[torch.Tensor]:
+        """The public tensor attributes of the modules around the prefix (``self.shift``)."""
+        return [v for m in self.around for k, v in m.__dict__.items()
+                if isinstance(v, torch.Tensor) and not k.startswith("_")]
 
     def outer_token(self) -> tuple[Any, ...]:
         """What the modules around the prefix hold that may feed it, cheap to compare: their
