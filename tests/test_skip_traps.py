@@ -842,3 +842,40 @@ def test_a_module_two_models_share_under_two_freezers_says_so_and_trains_the_sam
     reasons = [fz.skip_stats().reason or "" for fz in fzs]
     assert any("another Freezer" in r for r in reasons) and not any("remove them" in r for r in reasons)
     assert any("another Freezer" in str(w.message) for w in caught)
+
+
+class Recording(nn.Module):
+    """Keeps a history its forward never reads (a LightningModule's ``self.losses``), and a gain
+    its forward reads through a method of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.history: list[float] = []
+        self.gain = 1.0
+
+    def scaled(self, x):
+        return x * self.gain
+
+    def forward(self, x):
+        return self.head(self.body(self.scaled(x)))
+
+
+def test_an_attribute_the_forward_never_reads_keeps_the_stored_outputs():
+    def record(step, m):
+        m.history.append(float(step))  # changes at every step
+
+    torch.manual_seed(0)
+    _, _, fz, _ = lockstep(Recording(), copy.deepcopy(BODY), data(), ce, epochs=4, each_step=record)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.misses == 16 and stats.hits >= 3 * 16
+
+
+def test_an_attribute_read_through_a_method_of_the_forwards_module_is_checked():
+    def heat(epoch, m):
+        m.gain = 1.0 + epoch
+
+    torch.manual_seed(0)  # lockstep asserts the losses: a stale row would show
+    _, _, fz, _ = lockstep(Recording(), copy.deepcopy(BODY), data(), ce, epochs=4, each_epoch=heat)
+    assert fz.skip_stats().skipping

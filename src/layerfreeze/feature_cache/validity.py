@@ -13,6 +13,7 @@ strings, flags, dtypes, functions by name) and the code of its ``forward``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import marshal
 import types
 from typing import Any
@@ -163,13 +164,56 @@ def structure_digest(module: nn.Module, base: type, ignore: tuple[type, ...] = (
     return h.hexdigest()
 
 
-def own_config(m: nn.Module) -> str:
-    """A module's own plain configuration attributes (not its submodules'), as text."""
+def own_config(m: nn.Module, only: frozenset[str] | None = None) -> str:
+    """A module's own plain configuration attributes (not its submodules'), as text;
+    with ``only``, those of these names."""
     out = []
     for k in sorted(m.__dict__):
-        if k.startswith("_") or k == "training":
+        if k.startswith("_") or k == "training" or (only is not None and k not in only):
             continue
         v = _plain(m.__dict__[k])
         if v is not None:
             out.append(f"{k}={v!r};")
     return "".join(out)
+
+
+_READ: dict[type, frozenset[str] | None] = {}
+
+
+def read_names(cls: type) -> frozenset[str] | None:
+    """The names a module class's ``forward`` reads, with those of the methods of the
+    class it calls by name (and theirs): the attributes it may read through ``self.<name>``.
+    None when some code cannot be read (a builtin or a compiled forward)."""
+    if cls in _READ:
+        return _READ[cls]
+    names: set[str] = set()
+    seen: set[int] = set()
+    todo = [getattr(cls, "forward", None)]
+    ok = True
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        try:
+            fn = inspect.unwrap(fn)
+        except ValueError:
+            pass
+        code = getattr(fn, "__code__", None)
+        if not isinstance(code, types.CodeType):
+            ok = False
+            break
+        codes = [code]
+        while codes:
+            c = codes.pop()
+            names.update(c.co_names)
+            codes += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+        for n in code.co_names:
+            attr = inspect.getattr_static(cls, n, None)
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if isinstance(attr, types.FunctionType) and not attr.__module__.startswith("torch."):
+                todo.append(attr)
+    got = frozenset(names) if ok else None
+    _READ[cls] = got
+    return got

@@ -19,7 +19,7 @@ from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeErro
 from ..feature_cache.api import cache_config
 from ..feature_cache.call import _FeatureCache
 from ..feature_cache.stores import _as_bytes, _buffer
-from ..feature_cache.validity import _code_digest, fingerprints, own_config, structure_digest
+from ..feature_cache.validity import _code_digest, fingerprints, own_config, read_names, structure_digest
 from ..hooks import ModelHook, inert
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class _LevelCache(_FeatureCache):
         from .party import _SkipForward
 
         around = [f"{type(m).__module__}.{type(m).__qualname__}:{_code_digest(getattr(type(m), 'forward', None)).hex()}"
-                  f":{own_config(m)}" for m in self._level.around]
+                  f":{own_config(m, read_names(type(m)))}" for m in self._level.around]
         return structure_digest(self.module, self.base, (_SkipForward,)) + "|" + "|".join(around)
 
     def _digest(self, struct: str) -> str:
