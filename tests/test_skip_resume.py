@@ -170,3 +170,36 @@ def test_a_restarted_run_with_another_input_scaling_does_not_reuse_the_store(tmp
             torch.testing.assert_close(net(bx), ref(bx), atol=1e-6, rtol=1e-5)
     stats = fz.skip_stats()
     assert stats.skipping and stats.hits > 0  # it skips, on outputs stored afresh
+
+
+def test_a_disk_store_that_cannot_be_written_trains_on_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from layerfreeze.feature_cache.disk import _DiskStore
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_DiskStore, "put", full)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    net, opt, fz = _climbing(tmp_path / "store", climb=False)
+    ref = copy.deepcopy(net)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_fz = lf.Freezer(ref, ref_opt, lf.Schedule().freeze("backbone", mode="eval"))
+    with pytest.warns(UserWarning, match="cannot be written") as caught:
+        for epoch in range(2):
+            fz.set_epoch(epoch)
+            ref_fz.set_epoch(epoch)
+            for bx, by in batches(x, y, 8, epoch):
+                losses = []
+                for m, o in ((net, opt), (ref, ref_opt)):
+                    o.zero_grad()
+                    value = F.cross_entropy(m(bx), by)
+                    value.backward()
+                    o.step()
+                    losses.append(value.detach())
+                torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    assert sum("cannot be written" in str(w.message) for w in caught) == 1
+    assert fz.skip_stats().entries == 0

@@ -465,7 +465,11 @@ class _FeatureCache(_FirstCheck):
         if done < len(keys) and self.disk is not None:
             tok = sum(counts[:done])
             rest = [r[tok:] if t else r[done:] for r, t in zip(rows, layout.token, strict=True)]
-            done += self.disk.put(lid, layout, keys[done:], rest, counts[done:])
+            try:
+                done += self.disk.put(lid, layout, keys[done:], rest, counts[done:])
+            except OSError as e:  # a full disk, a directory made read-only: train on, store nothing more
+                self._warn(f"the disk store at {self.disk.root} cannot be written ({e.strerror or e})")
+                return
         if done < len(keys):
             self._warn("the cache is full (max_bytes reached) for further samples")
 
