@@ -879,3 +879,31 @@ def test_an_attribute_read_through_a_method_of_the_forwards_module_is_checked():
     torch.manual_seed(0)  # lockstep asserts the losses: a stale row would show
     _, _, fz, _ = lockstep(Recording(), copy.deepcopy(BODY), data(), ce, epochs=4, each_epoch=heat)
     assert fz.skip_stats().skipping
+
+
+class WithIds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, ids=None):
+        return self.head(self.body(x))
+
+
+def test_key_ids_passed_by_position_are_read():
+    torch.manual_seed(0)
+    net = WithIds()
+    ref = copy.deepcopy(net)
+    fz = lf.Freezer(net, None, copy.deepcopy(BODY), cache={"key": "ids"})
+    lf.Freezer(ref, None, copy.deepcopy(BODY)).set_epoch(0)
+    fz.set_epoch(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 5, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(3):
+            for i in torch.randperm(16, generator=g).split(8):
+                torch.testing.assert_close(net(x[i], i), ref(x[i]), **TOL)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.misses == 16 and stats.hits >= 32

@@ -202,8 +202,10 @@ def cache(
         key: take sample ids from the loader instead of hashing content: the
             name of a keyword argument (or dict entry) holding one id per
             sample (ints, strings, or a 1-D integer tensor), removed before the
-            module is called, or ``key(args, kwargs) -> ids``. The ids are
-            trusted: one id must always mean the same input.
+            module is called (ids passed by position, to a ``forward`` with a
+            parameter of that name, are read and left in place), or
+            ``key(args, kwargs) -> ids``. The ids are trusted: one id must always
+            mean the same input.
         batch_dim: the batch axis of the arguments and outputs. Default 0, or
             1 for a PyTorch layer built with ``batch_first=False``.
         dtype: store floating outputs in this dtype (``torch.bfloat16`` halves

@@ -285,7 +285,8 @@ class _FeatureCache(_FirstCheck):
             return self._call(args, kwargs)
 
     def _pop_ids(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-        """Take the ``key=`` ids out of the call (a keyword, or an entry of a dict argument)."""
+        """Take the ``key=`` ids out of the call (a keyword, or an entry of a dict argument); ids
+        passed by position (a parameter of the forward of that name) are read and left in place."""
         if callable(self.key):
             return args, kwargs, self.key(args, kwargs)
         name = self.key
@@ -299,6 +300,10 @@ class _FeatureCache(_FirstCheck):
                 ids = a[name]
                 a = {k: v for k, v in a.items() if k != name}
             new_args.append(a)
+        if ids is None and name in self._positional:
+            at = self._positional.index(name)
+            if at < len(args):
+                ids = args[at]
         return tuple(new_args), kwargs, ids
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
