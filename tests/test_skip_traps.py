@@ -902,7 +902,7 @@ def test_key_ids_passed_by_position_are_read():
     x = torch.randn(16, 5, generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for epoch in range(3):
+        for _ in range(3):
             for i in torch.randperm(16, generator=g).split(8):
                 torch.testing.assert_close(net(x[i], i), ref(x[i]), **TOL)
     stats = fz.skip_stats()
