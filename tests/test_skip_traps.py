@@ -907,3 +907,43 @@ def test_key_ids_passed_by_position_are_read():
                 torch.testing.assert_close(net(x[i], i), ref(x[i]), **TOL)
     stats = fz.skip_stats()
     assert stats.skipping and stats.misses == 16 and stats.hits >= 32
+
+
+def test_a_hook_on_every_module_stops_the_skipping_until_it_is_removed():
+    handle = None
+
+    def toggle(epoch, m):
+        nonlocal handle
+        if epoch == 1 and handle is None:  # one hook on every module, for both runs
+            handle = nn.modules.module.register_module_forward_hook(
+                lambda mod, args, out: out * 1.5 if isinstance(mod, nn.Linear) else None)
+        if epoch == 3 and handle is not None:
+            handle.remove()
+            handle = None
+
+    torch.manual_seed(0)
+    try:
+        _, _, fz, said = lockstep(Scaled("none"), copy.deepcopy(BODY), data(), ce, epochs=5, each_epoch=toggle)
+    finally:
+        if handle is not None:
+            handle.remove()
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.hits > 0
+    assert any("every module" in w for w in said)
+
+
+def test_a_hook_on_every_module_drops_what_lf_cache_stored():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
+    lf.freeze(body, mode="eval")
+    ref = copy.deepcopy(body)
+    cached = lf.cache(body)
+    x = torch.randn(6, 5)
+    cached(x)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: out * 1.5 if isinstance(mod, nn.Linear) else None)
+    try:
+        torch.testing.assert_close(cached(x), ref(x), **TOL)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cached(x), ref(x), **TOL)

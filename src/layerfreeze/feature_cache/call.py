@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from . import keys as _keys
 from .check import _batch_first_false, _FirstCheck, _moved, _Signature
@@ -188,6 +189,8 @@ class _FeatureCache(_FirstCheck):
             children = [c for c in m._modules.values() if c is not None]
             shape([id(c) for c in children])
             stack.extend(children)
+        # hooks set on every module (nn.modules.module.register_module_forward_hook) change outputs too
+        token.append((tuple(_module._global_forward_hooks), tuple(_module._global_forward_pre_hooks)))
         return tuple(token), tuple(structure), tuple(hooks), unsafe
 
     def _fingerprints(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..errors import ArgumentError, ArgumentTypeError, CacheError, CacheTypeError
 from ..feature_cache.api import cache_config
@@ -320,6 +321,16 @@ def capturing(modules: Iterable[nn.Module]) -> bool:
     return any(_capturing_hook(h) for m in modules for h in m._forward_hooks.values())
 
 
+GLOBAL_HOOKS = ("a forward hook is set on every module (nn.modules.module.register_module_forward_hook or "
+                "register_module_forward_pre_hook), which would not run on the skipped modules; skipping resumes "
+                "when it is removed")
+
+
+def global_hooked() -> bool:
+    """Whether a forward hook or pre-hook is set on every module at once."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def _pre_hooked(m: nn.Module) -> bool:
     """Whether ``m`` has a forward pre-hook of someone else's (one may change the input)."""
     return any(h is not inert and not isinstance(h, ModelHook) for h in m._forward_pre_hooks.values())
@@ -399,6 +410,8 @@ class _Level:
         return got
 
     def unsafe(self) -> str | None:
+        if global_hooked():
+            return GLOBAL_HOOKS
         _, _, hooks, live = self.scan()
         if live:  # something in the tree requires grad or is in training mode: which, and does it matter?
             for p in self.params:

@@ -20,6 +20,7 @@ from ..rules import _roots
 from ..selectors import ModelIndex
 from .levels import (
     _NESTED,
+    GLOBAL_HOOKS,
     SkipStats,
     _around,
     _Call,
@@ -32,6 +33,7 @@ from .levels import (
     _Stop,
     _Unseen,
     capturing,
+    global_hooked,
 )
 from .proof import _dims, _leaves, _untouched, copied, prove
 
@@ -402,6 +404,9 @@ class SkipParty:
         return before, prefix
 
     def _eligible(self, cand: _Candidate) -> str | None:
+        if global_hooked():
+            self._last_blocker = (self.model, "global")
+            return GLOBAL_HOOKS
         index = ModelIndex(self.model)
         for n in cand.params:
             if index.by_canonical[n].requires_grad:
@@ -447,6 +452,8 @@ class SkipParty:
     def _blocks(blocker: tuple[nn.Module, str]) -> bool:
         """Whether what kept the top group from being skipped still does."""
         m, kind = blocker
+        if kind == "global":
+            return global_hooked()
         if kind == "obstacle":
             return _obstacle("", m) is not None
         if kind == "mode":
