@@ -947,3 +947,29 @@ def test_a_hook_on_every_module_drops_what_lf_cache_stored():
     finally:
         handle.remove()
     torch.testing.assert_close(cached(x), ref(x), **TOL)
+
+
+class Stacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                                    for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+def test_the_freezer_leaves_no_hook_that_turns_off_pytorchs_encoder_fast_path():
+    torch.manual_seed(0)
+    net = Stacked()
+    fz = lf.Freezer(net, None, lf.Schedule().freeze(["layers.0", "layers.1"], mode="eval"), cache=True)
+    fz.set_epoch(0)
+    x = torch.randn(4, 5, 16)
+    net(x)
+    net(x)
+    assert fz.skip_stats().skipping
+    hooked = [n for n, m in net.layers.named_modules() if n and (m._forward_hooks or m._forward_pre_hooks)]
+    assert hooked == []  # nn.TransformerEncoderLayer takes its fast path only without hooks inside

@@ -325,9 +325,19 @@ class SkipParty:
                 party._unseen_call(m)
 
         called = {c.name for c in calls}
-        for name, m in self.model.named_modules():
-            if name not in called:
-                self._unseen_handles.append(m.register_forward_pre_hook(_Unseen(unseen)))
+        modules = dict(self.model.named_modules())
+        for name, m in modules.items():
+            if name in called:
+                continue
+            # a module inside one of PyTorch's own that was called (the projection that
+            # MultiheadAttention reads the weights of) never runs on a path of its own; a hook
+            # there would also turn off nn.TransformerEncoderLayer's fast path
+            owner = name
+            while owner and owner not in called:
+                owner = owner.rpartition(".")[0]
+            if owner in called and owner in modules and type(modules[owner]).__module__.startswith("torch.nn."):
+                continue
+            self._unseen_handles.append(m.register_forward_pre_hook(_Unseen(unseen)))
         self._dirty = True
 
     def _something_frozen(self) -> bool:
