@@ -235,7 +235,7 @@ class _LevelCache(_FeatureCache):
     def _digest(self, struct: str) -> str:
         # the disk directory: the tensors around the prefix that feed it (``x * self.scale``) too
         h = hashlib.blake2b(super()._digest(struct).encode(), digest_size=16)
-        for i, t in enumerate(self._level.outer + self._level.outer_attrs()):
+        for i, t in enumerate(self._level.outer + [v for _, v in self._level.outer_attrs()]):
             h.update(f"{i}|{tuple(t.shape)}|{t.dtype}".encode())
             h.update(_buffer(_as_bytes(t.detach().cpu().reshape(1, -1))))
         return h.hexdigest()
@@ -462,19 +462,17 @@ class _Level:
             return f"a submodule, parameter or buffer of {', '.join(self.view.parts)} was replaced".replace("/", ".")
         return None
 
-    def outer_attrs(self) -> list[torch.Tensor]:
-        """The public tensor attributes of the modules around the prefix (``self.shift``)."""
-        return [v for m in self.around for k, v in m.__dict__.items()
+    def outer_attrs(self) -> list[tuple[str, torch.Tensor]]:
+        """The public tensor attributes of the modules around the prefix (``self.shift``), by name."""
+        return [(k, v) for m in self.around for k, v in m.__dict__.items()
                 if isinstance(v, torch.Tensor) and not k.startswith("_")]
 
     def outer_token(self) -> tuple[Any, ...]:
         """What the modules around the prefix hold that may feed it, cheap to compare: their
         frozen parameters and buffers, tensor attributes, and mode where their forward reads it."""
         out: list[Any] = [x for t in self.outer for x in (id(t), t.data_ptr(), t._version)]
-        for m in self.around:
-            for k, v in m.__dict__.items():
-                if isinstance(v, torch.Tensor) and not k.startswith("_"):
-                    out += (k, id(v), v.data_ptr(), v._version)
+        for k, v in self.outer_attrs():
+            out += (k, id(v), v.data_ptr(), v._version)
         if self.mode_matters:
             out += [m.training for m in self.modal_around]
         return tuple(out)

@@ -97,11 +97,15 @@ def _named(args: Any, kwargs: Any, positional: Sequence[str] = ()) -> tuple[Any,
     return spec, leaves, names
 
 
+def _mask_in(leaves: list[Any], names: list[str | None], padding: str | None) -> torch.Tensor | None:
+    return next((x for x, n in zip(leaves, names, strict=True)
+                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+
+
 def _mask(args: Any, kwargs: Any, padding: str | None, positional: Sequence[str] = ()) -> torch.Tensor | None:
     """The call's 2-D ``padding`` mask (an argument or dict entry of that name), or None."""
     _, leaves, names = _named(args, kwargs, positional)
-    return next((x for x, n in zip(leaves, names, strict=True)
-                 if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+    return _mask_in(leaves, names, padding)
 
 
 def _one_padded(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: str | None,
@@ -117,8 +121,7 @@ def _one_padded(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: st
     out = []
     for args, kwargs in calls:
         spec, leaves, names = _named(args, kwargs, positional)
-        mask = next((x for x, n in zip(leaves, names, strict=True)
-                     if n == padding and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+        mask = _mask_in(leaves, names, padding)
         if mask is None or mask.shape != first.shape:
             return calls
         new = mask.clone()
