@@ -203,3 +203,59 @@ def test_a_disk_store_that_cannot_be_written_trains_on_and_says_so(tmp_path, mon
                 torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
     assert sum("cannot be written" in str(w.message) for w in caught) == 1
     assert fz.skip_stats().entries == 0
+
+
+@pytest.mark.parametrize("damage", ["index_is_a_directory", "rows_are_a_directory", "store_is_a_file"])
+def test_a_damaged_disk_store_is_named_and_left_out(tmp_path, damage):
+    """A restarted run over a store broken by hand trains as without ``cache=`` and says
+    once that the store cannot be used (it used to blame the skipped forward)."""
+    import shutil
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    net, opt, fz = _run(tmp_path / "store", None, range(2))
+    fz.set_epoch(0)
+    for bx, by in batches(x, y, 8, 0):
+        opt.zero_grad()
+        F.cross_entropy(net(bx), by).backward()
+        opt.step()
+    state = {"model": copy.deepcopy(net.state_dict()), "freezer": fz.state_dict(),
+             "optimizer": copy.deepcopy(opt.state_dict())}
+    fz.close()
+    (d,) = (tmp_path / "store").iterdir()
+    if damage == "index_is_a_directory":
+        (d / "index").unlink()
+        (d / "index").mkdir()
+    elif damage == "rows_are_a_directory":
+        rows = [*d.glob("*.smp"), *d.glob("*.tok")]
+        assert rows
+        for f in rows:
+            f.unlink()
+            f.mkdir()
+    else:
+        shutil.rmtree(d)
+        d.write_text("not a directory")
+    net, opt, fz = _run(tmp_path / "store", state, range(3))
+    ref = stack()
+    ref.load_state_dict(state["model"])
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_opt.load_state_dict(state["optimizer"])
+    ref_fz = lf.Freezer(ref, ref_opt, lf.Schedule().freeze(groups()[:2], mode="eval"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in (1, 2):
+            fz.set_epoch(epoch)
+            ref_fz.set_epoch(epoch)
+            for bx, by in batches(x, y, 8, epoch):
+                losses = []
+                for m, o in ((net, opt), (ref, ref_opt)):
+                    o.zero_grad()
+                    value = F.cross_entropy(m(bx), by)
+                    value.backward()
+                    o.step()
+                    losses.append(value.detach())
+                torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    said = [str(w.message) for w in caught]
+    assert sum("cannot be used" in m and str(tmp_path / "store") in m for m in said) == 1, said
+    assert not any("differs" in m for m in said), said

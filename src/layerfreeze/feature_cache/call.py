@@ -244,7 +244,10 @@ class _FeatureCache(_FirstCheck):
         if self.disk is not None:
             if self._tmp is not None and self.disk.dir is not None:
                 shutil.rmtree(self.disk.dir, ignore_errors=True)
-            self.disk.open(self._digest(struct))
+            try:
+                self.disk.open(self._digest(struct))
+            except (OSError, RuntimeError) as e:
+                self._disk_down(e)
         self._token = token
         self._prints = None
         self._struct = struct
@@ -440,10 +443,25 @@ class _FeatureCache(_FirstCheck):
                     found[i] = ("m", *got)
             rest = [i for i in rest if found[i] is None]
         if rest and self.disk is not None and self.disk.dir is not None:
-            for i, got in zip(rest, self.disk.lookup([keys[i] for i in rest]), strict=True):
+            try:
+                got_all = self.disk.lookup([keys[i] for i in rest])
+            except (OSError, RuntimeError) as e:
+                self._disk_down(e)
+                return found
+            for i, got in zip(rest, got_all, strict=True):
                 if got is not None:
                     found[i] = ("d", *got)
         return found
+
+    def _disk_down(self, e: BaseException) -> None:
+        """A disk store that cannot be opened or read (its index or files replaced by
+        directories, its directory by a file): said once, then left out until the next
+        weight version opens a directory of its own."""
+        assert self.disk is not None
+        self.disk.dir = None
+        self.disk.close()
+        self._warn(f"the disk store at {self.disk.root} cannot be used ({type(e).__name__}: {_why(e)}); "
+                   "remove or repair it")
 
     def _rows(self, batch: _keys._Batch, padded: bool, layout: _Layout, fresh: list[torch.Tensor],
               miss: list[int]) -> list[torch.Tensor]:
@@ -471,12 +489,14 @@ class _FeatureCache(_FirstCheck):
         if self.memory is not None:
             done = self.memory.put(lid, layout, keys, rows, counts)
         if done < len(keys) and self.disk is not None:
+            if self.disk.dir is None:  # it could not be used: said when that was found
+                return
             tok = sum(counts[:done])
             rest = [r[tok:] if t else r[done:] for r, t in zip(rows, layout.token, strict=True)]
             try:
                 done += self.disk.put(lid, layout, keys[done:], rest, counts[done:])
-            except OSError as e:  # a full disk, a directory made read-only: train on, store nothing more
-                self._warn(f"the disk store at {self.disk.root} cannot be written ({e.strerror or e})")
+            except (OSError, RuntimeError) as e:  # a full disk, a read-only directory: train on, store no more
+                self._warn(f"the disk store at {self.disk.root} cannot be written ({_why(e)})")
                 return
         if done < len(keys):
             self._warn("the cache is full (max_bytes reached) for further samples")
@@ -575,3 +595,11 @@ class _FeatureCache(_FirstCheck):
         entries = (len(mem.index) if mem else 0) + (len(disk.index) if disk else 0)
         return CacheStats(self.hits, self.misses, mem.nbytes if mem else 0, disk.nbytes if disk else 0,
                           entries, self.bypassed)
+
+
+def _why(e: BaseException) -> str:
+    """An error's reason in a few words: an OSError's ``strerror``, else its message's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
