@@ -841,6 +841,7 @@ def test_a_module_two_models_share_under_two_freezers_says_so_and_trains_the_sam
                 torch.testing.assert_close(losses[1], losses[3], **TOL)
     reasons = [fz.skip_stats().reason or "" for fz in fzs]
     assert any("another Freezer" in r for r in reasons) and not any("remove them" in r for r in reasons)
+    assert [fz.skip_stats().skipping for fz in fzs] == [True, False]  # the first to skip it keeps it
     assert any("another Freezer" in str(w.message) for w in caught)
 
 
@@ -973,3 +974,57 @@ def test_the_freezer_leaves_no_hook_that_turns_off_pytorchs_encoder_fast_path():
     assert fz.skip_stats().skipping
     hooked = [n for n, m in net.layers.named_modules() if n and (m._forward_hooks or m._forward_pre_hooks)]
     assert hooked == []  # nn.TransformerEncoderLayer takes its fast path only without hooks inside
+
+
+class Embedded(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(30, d)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+                                    for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("first", ["embed", "layer"])
+def test_a_module_called_on_its_own_before_the_first_forward_is_plain_and_skipping_follows(first):
+    """``model.embed(ids)`` (to log embeddings) or a frozen layer called on its own before
+    the model's first forward: it used to become the forward the order was learnt from, so
+    the model's own forwards were never skipped, and the hooks left inside the frozen
+    layers turned off PyTorch's encoder fast path (other numbers under a global hook)."""
+    torch.manual_seed(0)
+    net = Embedded()
+    ref, fz = beside(net, lf.Schedule().freeze(["embed", "layers.0"], mode="eval"))
+    ids = torch.randint(0, 30, (4, 6))
+
+    def hooks_on(m, args, out):  # linear1 of each layer: called off the fast path only
+        return out * 1.25 if isinstance(m, nn.Linear) and m.out_features == 32 else None
+
+    with torch.no_grad():
+        if first == "embed":
+            torch.testing.assert_close(net.embed(ids), ref.embed(ids), rtol=0, atol=0)
+        else:
+            x = ref.embed(ids)
+            h = nn.modules.module.register_module_forward_hook(hooks_on)
+            try:
+                torch.testing.assert_close(net.layers[0](x), ref.layers[0](x), **TOL)
+            finally:
+                h.remove()
+    hooked = [n for top in ("embed", "layers.0", "layers.1") for n, m in net.get_submodule(top).named_modules(prefix=top)
+              if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []  # the modules' own calls run as without the Freezer
+    h = nn.modules.module.register_module_forward_hook(hooks_on)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(net(ids), ref(ids), **TOL)
+    finally:
+        h.remove()
+    for _ in range(3):
+        torch.testing.assert_close(net(ids), ref(ids), **TOL)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.hits > 0, stats

@@ -278,21 +278,28 @@ class _Unseen(ModelHook):
     __slots__ = ()
 
 
-def _obstacle(n: str, m: nn.Module) -> str | None:
-    """Why module ``m`` (named ``n``) cannot be skipped whatever its mode: hooks, an instance forward."""
-    from .party import _SkipForward
+def _obstacle(n: str, m: nn.Module, party: Any = None) -> str | None:
+    """Why module ``m`` (named ``n``) cannot be skipped by ``party`` whatever its mode: hooks,
+    an instance forward, another party skipping it."""
+    from .party import _WRAPPED, _SkipForward
 
+    shared = (f"{n} is watched by another Freezer with cache= (a module two models share, say); a module is "
+              "skipped by one Freezer only")
     hooks = (m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
     found = [h for d in hooks for h in d.values() if h is not inert and not isinstance(h, _Unseen)]
     found += [h for h in m._forward_hooks.values() if h is not inert and not _capturing_hook(h)]  # inert: in a copy
     if found and all(isinstance(h, ModelHook) for h in found):
-        return (f"{n} is watched by another Freezer with cache= (a module two models share, say); a module is "
-                "skipped by one Freezer only")
+        return shared
     if found:
         return f"{n} has hooks, which would not run if it were skipped; remove them to let the Freezer skip it"
     own = m.__dict__.get("forward")
     if own is not None and not isinstance(own, _SkipForward):
         return f"{n} has an instance forward; the Freezer skips only modules without one"
+    if own is not None and party is not None:
+        ref = _WRAPPED.get(m)
+        other = ref() if ref is not None else None
+        if other is not None and other is not party:
+            return shared
     return None
 
 
@@ -425,7 +432,7 @@ class _Level:
         for n, m in self.tree:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or \
                     "forward" in m.__dict__:
-                why = _obstacle(n, m)
+                why = _obstacle(n, m, self._party())
                 if why is not None:
                     return why
         self.hooks = hooks  # none of them stands in the way (transformers' idle ones): not walked again

@@ -7,6 +7,7 @@ import itertools
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,6 +114,7 @@ class SkipParty:
         self._entry: nn.Module | None = None
         self._handles: list[Any] = []
         self._trace_handles: list[Any] = []
+        self._arm_mark: object | None = None  # the trace hooks now armed (see _arm)
         self._unseen_handles: list[Any] = []
         self._unseen_ran: str | None = None  # a module the learnt order lacks ran before the boundary
         self._unseen_call_args: Any = None  # ... in this call: the order is learnt again on it
@@ -184,10 +186,10 @@ class SkipParty:
 
     def close(self) -> None:
         """Remove every hook and instance forward; drop stored outputs held in memory."""
-        for h in self._handles + self._trace_handles + self._unseen_handles:
+        self._disarm()
+        for h in self._handles + self._unseen_handles:
             h.remove()
         self._handles.clear()
-        self._trace_handles.clear()
         self._unseen_handles.clear()
         for ref in self._wrapped:
             m = ref()
@@ -235,11 +237,24 @@ class SkipParty:
         any later one. A forward
         that starts at a submodule instead (a trainer's step calling
         ``self.net(x)``) is learnt while it runs, and its module watched from then on.
+
+        Until a forward starts, only the model and the modules that hold a group
+        (the forwards that can start one worth learning) carry hooks; the first of them
+        called hooks every module for the rest of its call. So a module called on its
+        own before (``model.embed(ids)``, a frozen ``nn.TransformerEncoderLayer``) runs
+        as without the Freezer: a hook on it or inside it would turn off PyTorch's fast
+        paths.
         """
         model = self.model
         names: dict[int, str] = {}
         for name, m in model.named_modules():
             names.setdefault(id(m), name)
+        roots = {r for groups in self._groups() for _, res in groups for r in _roots(res.modules)}
+        holders = {""} | {".".join(r.split(".")[:k]) for r in roots for k in range(1, r.count(".") + 1)}
+        gates = [m for n, m in model.named_modules() if n in holders]
+        # these hooks' own mark: a hook removed while a call runs is still called for that
+        # call, and must then do nothing (the order may have been learnt meanwhile)
+        arm = self._arm_mark = object()
         calls: list[_Call] = []
         outs: dict[str, tuple[Any, list[Any]]] = {}
         stack: list[int] = []
@@ -256,18 +271,28 @@ class SkipParty:
         def pre(m: nn.Module, args: Any, kwargs: Any = None) -> None:
             if done or id(m) not in names:  # a copy of the model made before its first forward
                 return
+            party = me()
+            if party is None or party._arm_mark is not arm:
+                return
             if not owner:
                 owner.append(threading.get_ident())
             if owner[0] != threading.get_ident():
                 return
             if not stack and not entry:
                 entry.append((m, _dims(args, kwargs or {}, padding)))
+                gated = {id(g) for g in gates}
+                for other in model.modules():  # hooked for the rest of this call
+                    if id(other) not in gated:
+                        hook(other)
             if entry:
                 stack.append(len(calls))
                 calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
 
         def post(m: nn.Module, args: Any, *rest: Any) -> None:
             if done or not stack or id(m) not in names or owner[0] != threading.get_ident():
+                return
+            party = me()
+            if party is None or party._arm_mark is not arm:
                 return
             out = rest[-1]
             c = calls[stack.pop()]
@@ -278,17 +303,25 @@ class SkipParty:
                 outs[c.name] = (spec, [_NESTED if isinstance(x, torch.Tensor) and x.is_nested
                                        else (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
                                        for x in leaves])
-            party = me()
             if not stack:
                 done.append(True)
-                if party is not None:
-                    party._learnt(entry[0], calls, outs)
+                party._learnt(entry[0], calls, outs)
+
+        def hook(m: nn.Module) -> None:
+            self._trace_handles.append(m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
+            self._trace_handles.append(m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
 
         if id(model) not in self._watched:
             self._watch_entry(model)
-        for m in model.modules():
-            self._trace_handles.append(m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
-            self._trace_handles.append(m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
+        for m in gates:
+            hook(m)
+
+    def _disarm(self) -> None:
+        """Remove the trace hooks; those still called for a call in flight do nothing."""
+        for h in self._trace_handles:
+            h.remove()
+        self._trace_handles.clear()
+        self._arm_mark = None
 
     def _watch_entry(self, module: nn.Module) -> None:
         self._watched.add(id(module))
@@ -308,10 +341,13 @@ class SkipParty:
 
     def _learnt(self, entry: tuple[nn.Module, tuple[int, int | None]], calls: list[_Call],
                 outs: dict[str, tuple[Any, list[Any]]]) -> None:
-        for h in self._trace_handles:
-            h.remove()
-        self._trace_handles.clear()
+        self._disarm()
         module, dims = entry
+        if module is not self.model and not self._holds_a_group(calls[0].name, calls):
+            # a direct call of a module with no group inside (model.embed(ids) to log
+            # embeddings): nothing can be skipped in it, so the next forward is learnt
+            self._arm()
+            return
         self._entry, self._trace_dims, self._calls, self._outs = module, dims, calls, outs
         self._name_of = {id(m): n for n, m in reversed(list(self.model.named_modules()))}
         self._positional = _positional_names(type(module))
@@ -345,9 +381,7 @@ class SkipParty:
 
     def _trace(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Learn the order on this batch, from ``m``'s own forward (see :meth:`_arm`)."""
-        for h in self._trace_handles:  # hooks of this thread's own, that no forward in flight records into
-            h.remove()
-        self._trace_handles.clear()
+        self._disarm()  # hooks of this thread's own, that no forward in flight records into
         self._arm(thread=threading.get_ident())
         with _untouched(self.model):
             self._stack.append(self._plan(args, kwargs))
@@ -365,9 +399,9 @@ class SkipParty:
             self._drop(b)
         # the skipped modules keep their instance forwards (close() removes them): another
         # thread's forward in flight still routes them through its own plan
-        for h in self._trace_handles + self._unseen_handles:
+        self._disarm()
+        for h in self._unseen_handles:
             h.remove()
-        self._trace_handles.clear()
         self._unseen_handles.clear()
         self._unseen_ran = self._unseen_call_args = None
         self._calls, self._outs, self._entry = [], {}, None
@@ -383,12 +417,23 @@ class SkipParty:
             first.setdefault(c.name, i)
         return first
 
-    def _candidates(self) -> list[_Candidate]:
+    def _groups(self) -> Iterator[list[tuple[str, Any]]]:
+        """Each rule's groups, bottom first: (label, resolved selection)."""
         index = ModelIndex(self.model)
+        for i, rule in enumerate(self.schedule.rules):
+            yield rule.groups(index, origin=self.schedule.origin(i))
+
+    def _holds_a_group(self, name: str, calls: list[_Call]) -> bool:
+        """Whether a forward of module ``name`` calls some group's module inside it."""
+        called = {c.name for c in calls}
+        inside = f"{name}." if name else ""
+        return any(r in called and r.startswith(inside) and r != name
+                   for groups in self._groups() for _, res in groups for r in _roots(res.modules))
+
+    def _candidates(self) -> list[_Candidate]:
         first = self._first_calls()
         out = []
-        for i, rule in enumerate(self.schedule.rules):
-            groups = rule.groups(index, origin=self.schedule.origin(i))
+        for groups in self._groups():
             below: list[str] = []
             for g, (label, res) in enumerate(groups):
                 below = below + res.params
@@ -425,7 +470,7 @@ class SkipParty:
         modules = dict(self.model.named_modules())
         for top in [*before, cand.b]:
             for n, m in modules[top].named_modules(prefix=top):
-                why = _obstacle(n, m)
+                why = _obstacle(n, m, self)
                 if why is not None:
                     self._last_blocker = (m, "obstacle")
                     return why
@@ -458,14 +503,13 @@ class SkipParty:
                         "freeze it whole, to let the Freezer skip it")
         return None
 
-    @staticmethod
-    def _blocks(blocker: tuple[nn.Module, str]) -> bool:
+    def _blocks(self, blocker: tuple[nn.Module, str]) -> bool:
         """Whether what kept the top group from being skipped still does."""
         m, kind = blocker
         if kind == "global":
             return global_hooked()
         if kind == "obstacle":
-            return _obstacle("", m) is not None
+            return _obstacle("", m, self) is not None
         if kind == "mode":
             return m.training and _mode_matters(m)
         return _pre_hooked(m)
