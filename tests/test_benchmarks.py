@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -110,6 +111,14 @@ def test_quick_skip_frozen_run_checks_itself_and_is_marked_not_comparable(tmp_pa
     rows = result["phases"]["progressive_cached"]["epochs"]
     assert [r["kind"] for r in rows] == ["first", "move", "move"]
     assert all(r["move_over_forward"] > 0 for r in rows[1:])
+    # each move again on its own: the moving model ends at the steady one's boundary, which hit throughout
+    alone = result["moves_on_their_own"]
+    assert [(m["from_layers"], m["to_layers"]) for m in alone["moves"]] == [(0, 3), (3, 6)]
+    for m in alone["moves"]:
+        (rep,) = m["repeats"]
+        assert rep["moving_stats"]["boundary"] == rep["steady_stats"]["boundary"] is not None
+        assert rep["steady_stats"]["hits"] >= result["settings"]["train_samples"]
+        assert rep["new_layers_forward_s"] > 0 and math.isfinite(m["move_over_forward"])
     assert _digest(RESULTS) == before
 
 
