@@ -693,8 +693,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 text += f"\nalone {alone[r['epoch']]:.2f}x"
             ax.text(r["epoch"] + 1, r["over_floor"], text, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs)
-        ax.set_xlabel("epoch (k: layers frozen; move: extra time / no-grad forward of the new layers, "
-                      "in the run and on its own)", fontsize=8)
+        ax.set_xlabel("epoch (k: layers frozen; move, alone: a move's extra time / a no-grad forward of\n"
+                      "the new layers, in the run and measured on its own)", fontsize=8)
         ax.set_ylabel("ratio")
         ax.set_ylim(0, 1.2 * max(r["over_floor"] for r in rows))
         ax.legend(fontsize=8, loc="upper left")
