@@ -172,6 +172,22 @@ def test_a_restarted_run_with_another_input_scaling_does_not_reuse_the_store(tmp
     assert stats.skipping and stats.hits > 0  # it skips, on outputs stored afresh
 
 
+def _side_by_side(cached, plain, epochs, x, y):
+    """Train two (model, optimizer, Freezer) triples on the same batches; the same loss at every step."""
+    for epoch in epochs:
+        for _, _, fz in (cached, plain):
+            fz.set_epoch(epoch)
+        for bx, by in batches(x, y, 8, epoch):
+            losses = []
+            for m, o, _ in (cached, plain):
+                o.zero_grad()
+                value = F.cross_entropy(m(bx), by)
+                value.backward()
+                o.step()
+                losses.append(value.detach())
+            torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+
+
 def test_a_disk_store_that_cannot_be_written_trains_on_and_says_so(tmp_path, monkeypatch):
     import errno
 
@@ -189,18 +205,7 @@ def test_a_disk_store_that_cannot_be_written_trains_on_and_says_so(tmp_path, mon
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     ref_fz = lf.Freezer(ref, ref_opt, lf.Schedule().freeze("backbone", mode="eval"))
     with pytest.warns(UserWarning, match="cannot be written") as caught:
-        for epoch in range(2):
-            fz.set_epoch(epoch)
-            ref_fz.set_epoch(epoch)
-            for bx, by in batches(x, y, 8, epoch):
-                losses = []
-                for m, o in ((net, opt), (ref, ref_opt)):
-                    o.zero_grad()
-                    value = F.cross_entropy(m(bx), by)
-                    value.backward()
-                    o.step()
-                    losses.append(value.detach())
-                torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+        _side_by_side((net, opt, fz), (ref, ref_opt, ref_fz), range(2), x, y)
     assert sum("cannot be written" in str(w.message) for w in caught) == 1
     assert fz.skip_stats().entries == 0
 
@@ -244,18 +249,7 @@ def test_a_damaged_disk_store_is_named_and_left_out(tmp_path, damage):
     ref_fz = lf.Freezer(ref, ref_opt, lf.Schedule().freeze(groups()[:2], mode="eval"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for epoch in (1, 2):
-            fz.set_epoch(epoch)
-            ref_fz.set_epoch(epoch)
-            for bx, by in batches(x, y, 8, epoch):
-                losses = []
-                for m, o in ((net, opt), (ref, ref_opt)):
-                    o.zero_grad()
-                    value = F.cross_entropy(m(bx), by)
-                    value.backward()
-                    o.step()
-                    losses.append(value.detach())
-                torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+        _side_by_side((net, opt, fz), (ref, ref_opt, ref_fz), (1, 2), x, y)
     said = [str(w.message) for w in caught]
     assert sum("cannot be used" in m and str(tmp_path / "store") in m for m in said) == 1, said
     assert not any("differs" in m for m in said), said
