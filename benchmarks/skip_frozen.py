@@ -74,7 +74,8 @@ outputs the cache serves; without that, two runs drift apart by float32
 rounding alone. So ``progressive``'s accuracy follows ``progressive_cached``'s
 by construction; ``adaptive`` and ``adaptive_cached`` train independently.
 
-Run:  PYTHONPATH=src python benchmarks/skip_frozen.py [--quick] [--threads N] [--modes a,b] [--guard N] [--out DIR]
+Run:  PYTHONPATH=src python benchmarks/skip_frozen.py [--quick] [--threads N] [--modes a,b] [--guard N]
+      [--move-repeats N] [--out DIR]
 Writes DIR/skip_frozen-<machine>-<YYYYMMDD>.json and .png (DIR: benchmarks/out, ignored by git).
 """
 
