@@ -1028,3 +1028,36 @@ def test_a_module_called_on_its_own_before_the_first_forward_is_plain_and_skippi
         torch.testing.assert_close(net(ids), ref(ids), **TOL)
     stats = fz.skip_stats()
     assert stats.skipping and stats.hits > 0, stats
+
+
+def test_a_step_that_calls_a_submodule_holding_the_groups_is_learnt_and_skipped():
+    """A trainer's step calling ``self.net(x)`` on a module whose own forward never runs:
+    ``net`` holds the groups, so its forward is the one learnt, and it skips."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            raise AssertionError("a trainer's module that is never called itself")
+
+    torch.manual_seed(0)
+    wrapper = Wrapper()
+    plain = copy.deepcopy(wrapper.net)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (wrapper, plain)]
+    fz = lf.Freezer(wrapper, opts[0], lf.Schedule().freeze(["net.0", "net.2"], mode="eval"), cache=True)
+    lf.Freezer(plain, opts[1], lf.Schedule().freeze(["0", "2"], mode="eval")).set_epoch(0)
+    fz.set_epoch(0)
+    for _ in range(3):
+        for x, y in data():
+            losses = []
+            for net, opt in ((wrapper.net, opts[0]), (plain, opts[1])):
+                opt.zero_grad()
+                value = F.cross_entropy(net(x), y)
+                value.backward()
+                opt.step()
+                losses.append(value.detach())
+            torch.testing.assert_close(losses[0], losses[1], **TOL)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.module == "net.2" and stats.hits > 0, stats
