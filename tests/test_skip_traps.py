@@ -1061,3 +1061,62 @@ def test_a_step_that_calls_a_submodule_holding_the_groups_is_learnt_and_skipped(
             torch.testing.assert_close(losses[0], losses[1], **TOL)
     stats = fz.skip_stats()
     assert stats.skipping and stats.module == "net.2" and stats.hits > 0, stats
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = _Encoder(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+@pytest.mark.parametrize("where", ["encoder.inp", "encoder.layers.0.lin", "head"])
+def test_a_first_forward_that_raises_leaves_the_order_to_the_next_one(where):
+    """A first step that fails (a bad batch, out of memory) used to leave the order cut where the
+    error struck: the prefix was never skipped, or skipped only up to the module that raised."""
+    torch.manual_seed(0)
+    schedule = lf.Schedule().freeze(["encoder.inp", "encoder.layers.0", "encoder.layers.1"], mode="eval")
+    net = _Classifier()
+    ref, fz = beside(net, schedule)
+    once = [True]
+
+    def boom(m, args):
+        if once[0]:
+            once[0] = False
+            raise ValueError("a bad first batch")
+
+    handle = net.get_submodule(where).register_forward_pre_hook(boom)
+    with pytest.raises(ValueError, match="bad first batch"):
+        net(torch.randn(8, 5))
+    handle.remove()
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        torch.testing.assert_close(net(x), ref(x), **TOL)
+    stats = fz.skip_stats()
+    assert stats.skipping and stats.module == "encoder.layers.1" and stats.hits > 0, stats
+    fz.close()
+    assert [n for n, m in net.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []

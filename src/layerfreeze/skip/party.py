@@ -4,6 +4,7 @@ stored output and placeholders during a forward (see :mod:`layerfreeze.skip`).""
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import warnings
 import weakref
@@ -262,6 +263,8 @@ class SkipParty:
         me = weakref.ref(self)
         entry: list[Any] = []
         done: list[bool] = []
+        failed: list[bool] = []  # a call inside the learnt one raised
+        extra: list[Any] = []  # the hooks of the modules that are not gates, for one call
         # the thread whose forward is learnt (others run as they are): the first to call, or the one tracing
         owner: list[int] = [] if thread is None else [thread]
         padding = self.config["padding"]
@@ -283,7 +286,7 @@ class SkipParty:
                 gated = {id(g) for g in gates}
                 for other in model.modules():  # hooked for the rest of this call
                     if id(other) not in gated:
-                        hook(other)
+                        extra.extend(hook(other))
             if entry:
                 stack.append(len(calls))
                 calls.append(_Call(names[id(m)], next(count), stack[-2] if len(stack) > 1 else None))
@@ -295,6 +298,19 @@ class SkipParty:
             if party is None or party._arm_mark is not arm:
                 return
             out = rest[-1]
+            if out is None and sys.exc_info()[0] is not None:  # this call raised (before its pre-hook, maybe)
+                failed.append(True)
+            if failed and m is entry[0][0]:  # what was recorded is not the whole order: learn it next time
+                for h in extra:
+                    h.remove()
+                for held in (extra, calls, stack, entry, failed):
+                    held.clear()
+                outs.clear()
+                if thread is None:
+                    owner.clear()
+                return
+            if failed:
+                return
             c = calls[stack.pop()]
             c.end = next(count)
             if c.name not in outs and out is not None:
@@ -307,9 +323,11 @@ class SkipParty:
                 done.append(True)
                 party._learnt(entry[0], calls, outs)
 
-        def hook(m: nn.Module) -> None:
-            self._trace_handles.append(m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True))
-            self._trace_handles.append(m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True))
+        def hook(m: nn.Module) -> list[Any]:
+            handles = [m.register_forward_pre_hook(ModelHook(pre), with_kwargs=True),
+                       m.register_forward_hook(ModelHook(post), with_kwargs=True, always_call=True)]
+            self._trace_handles.extend(handles)
+            return handles
 
         if id(model) not in self._watched:
             self._watch_entry(model)
