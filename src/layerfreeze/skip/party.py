@@ -250,9 +250,9 @@ class SkipParty:
         names: dict[int, str] = {}
         for name, m in model.named_modules():
             names.setdefault(id(m), name)
-        roots = {r for groups in self._groups() for _, res in groups for r in _roots(res.modules)}
-        holders = {""} | {".".join(r.split(".")[:k]) for r in roots for k in range(1, r.count(".") + 1)}
+        holders = {""} | {".".join(r.split(".")[:k]) for r in self._group_roots() for k in range(1, r.count(".") + 1)}
         gates = [m for n, m in model.named_modules() if n in holders]
+        gated = {id(g) for g in gates}
         # these hooks' own mark: a hook removed while a call runs is still called for that
         # call, and must then do nothing (the order may have been learnt meanwhile)
         arm = self._arm_mark = object()
@@ -283,7 +283,6 @@ class SkipParty:
                 return
             if not stack and not entry:
                 entry.append((m, _dims(args, kwargs or {}, padding)))
-                gated = {id(g) for g in gates}
                 for other in model.modules():  # hooked for the rest of this call
                     if id(other) not in gated:
                         extra.extend(hook(other))
@@ -441,12 +440,15 @@ class SkipParty:
         for i, rule in enumerate(self.schedule.rules):
             yield rule.groups(index, origin=self.schedule.origin(i))
 
+    def _group_roots(self) -> set[str]:
+        """The outermost modules of every group of every rule, by name."""
+        return {r for groups in self._groups() for _, res in groups for r in _roots(res.modules)}
+
     def _holds_a_group(self, name: str, calls: list[_Call]) -> bool:
         """Whether a forward of module ``name`` calls some group's module inside it."""
         called = {c.name for c in calls}
         inside = f"{name}." if name else ""
-        return any(r in called and r.startswith(inside) and r != name
-                   for groups in self._groups() for _, res in groups for r in _roots(res.modules))
+        return any(r in called and r.startswith(inside) and r != name for r in self._group_roots())
 
     def _candidates(self) -> list[_Candidate]:
         first = self._first_calls()
