@@ -119,6 +119,9 @@ def test_quick_skip_frozen_run_checks_itself_and_is_marked_not_comparable(tmp_pa
         assert rep["moving_stats"]["boundary"] == rep["steady_stats"]["boundary"] is not None
         assert rep["steady_stats"]["hits"] >= result["settings"]["train_samples"]
         assert rep["new_layers_forward_s"] > 0 and math.isfinite(m["move_over_forward"])
+        # the moving model computes the new boundary's rows in the hook; the steady one only looks up
+        assert 0 < rep["steady_in_hook_s"] < rep["moving_in_hook_s"] < rep["moving_s"]
+        assert m["move_in_hook_over_forward"] == rep["move_in_hook_over_forward"] > 0
     assert _digest(RESULTS) == before
 
 

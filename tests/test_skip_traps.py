@@ -242,7 +242,7 @@ class MultiTask(nn.Module):
 def test_a_placeholder_read_by_rows_the_proof_does_not_run_is_refused():
     torch.manual_seed(0)
     x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
-    task = torch.tensor([0] * PROOF_ROWS + [1, 0] * 4)[:12]  # the proof's rows are all task 0
+    task = torch.tensor([0] * PROOF_ROWS + [1, 0] * 6)[:12]  # the proof's rows are all task 0
 
     def loss(m, batch):
         return F.cross_entropy(m(batch[0], batch[2]), batch[1])

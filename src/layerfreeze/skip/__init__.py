@@ -25,8 +25,8 @@ How it decides and stays correct:
   the layers (attention masks, the loop) is skipped too. If the proof refuses
   it, the group's own boundary is tried next.
 * **The proof.** Before the first skip at a new boundary, a few samples of a batch
-  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`: the first ones, and the
-  shortest and longest of a padded batch) run both ways (the full forward, with
+  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`: the shortest and longest of a
+  padded batch, else the first ones) run both ways (the full forward, with
   grad, and the skipped one, from the same random state, with buffers restored
   after) and every output tensor is compared (real positions only, in a padded
   batch). A model that reads a prefix output the boundary does not carry (a
