@@ -90,7 +90,7 @@ class SkipParty:
         >>> _ = net(x)          # learns the order, proves the boundary on x, stores
         >>> _ = net(x.flip(0))  # served from the store
         >>> st = fz.skip_stats(); (st.module, st.skipping, st.misses, st.hits)
-        ('2', True, 6, 10)
+        ('2', True, 6, 8)
     """
 
     def __init__(self, model: nn.Module, schedule: Any, config: dict[str, Any]) -> None:
