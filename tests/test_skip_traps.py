@@ -239,6 +239,23 @@ class MultiTask(nn.Module):
         return self.head(torch.where(task[:, None] == 0, h3, h1))
 
 
+def test_batch_statistics_above_the_boundary_are_proved_on_more_than_one_row():
+    # BatchNorm in training mode after the boundary needs more than one value per
+    # channel: a proof on one row would fail and refuse a model that skips correctly
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    ref, cached, fz, said = lockstep(net, lf.Schedule().freeze("[0]", mode="eval"), batches, loss)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits >= 24, fz.skip_stats()
+    assert said == []
+    torch.testing.assert_close(cached[3].running_mean, ref[3].running_mean, **TOL)
+
+
 def test_a_placeholder_read_by_rows_the_proof_does_not_run_is_refused():
     torch.manual_seed(0)
     x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
