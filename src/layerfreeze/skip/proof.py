@@ -28,8 +28,10 @@ __all__ = ["prove"]
 #: need more rows: a placeholder's values read by anything after the boundary
 #: refuse it whatever the rows show, and a model that reads padded positions is
 #: seen on the row with the most padding (or on the extra padded position it
-#: gets in a batch without padding). Each row is a fixed cost per boundary,
-#: about a third of a one-layer move over a few hundred samples at 4 rows.
+#: gets in a batch without padding). Fewer would not do: batch statistics after
+#: the boundary (BatchNorm in training mode) need more than one row. Each row is
+#: a fixed cost per boundary: at 4 rows the proof was about a third of a
+#: one-layer move over a few hundred samples.
 PROOF_ROWS = 2
 
 # Torch functions that read a tensor's metadata, not its values: a placeholder's
