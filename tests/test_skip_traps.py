@@ -763,6 +763,60 @@ def test_a_masked_head_still_skips_after_the_proofs_padded_position():
     assert said == []
 
 
+class WidthsSeen(nn.Embedding):
+    """An embedding table that notes the padded length of every call (no hook, which would stop the skipping)."""
+
+    widths: list[int] = []
+
+    def forward(self, ids):
+        WidthsSeen.widths.append(ids.shape[1])
+        return super().forward(ids)
+
+
+def test_the_proof_runs_its_rows_at_their_own_length_not_the_batchs():
+    torch.manual_seed(0)
+    net = Tagger()
+    net.bert.embeddings.word_embeddings.__class__ = WidthsSeen
+    widths = WidthsSeen.widths
+    widths.clear()
+    ref, fz = beside(net, copy.deepcopy(BERT_GROUPS))
+    ids, mask = token_batch([5, 3, 5, 4, 5, 5])
+    ids, mask = F.pad(ids, (0, 6)), F.pad(mask, (0, 6))  # padded to a fixed 11, as padding="max_length" does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            torch.testing.assert_close(net(ids, mask)[0], ref(ids, mask)[0], **TOL)
+    assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+    # the order is learnt on the batch (11); the proof's rows (3 and 4 tokens) run at 4, and at 5 where the
+    # store checks that their rows do not depend on padding (one more padded position); the batch's misses at 11
+    assert sorted(set(widths)) == [4, 5, 11]
+
+
+class FixedWidthHead(nn.Module):
+    """Reads every position of a batch padded to a fixed length (padded ones zeroed)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bert = tiny_bert()
+        self.head = nn.Linear(32 * width, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head((h * attention_mask[..., None]).flatten(1)), None
+
+
+def test_a_head_that_needs_the_batchs_length_is_proved_at_that_length():
+    torch.manual_seed(0)
+    batches = []
+    for seed, lengths in ((1, [7, 3, 5, 7, 4, 6]), (2, [7, 2, 6, 4, 7, 3])):
+        ids, mask = token_batch(lengths, seed=seed)
+        batches.append((F.pad(ids, (0, 2)), F.pad(mask, (0, 2)), torch.tensor([0, 1, 2, 0, 1, 2])))
+    _, _, fz, said = lockstep(FixedWidthHead(9), copy.deepcopy(BERT_GROUPS), batches, ce_tokens, epochs=2)
+    # cut to its rows' length the head cannot run; at the batch's length the proof holds
+    assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
+    assert said == []
+
+
 # -------------------------------------------------------------- inputs edited in place
 
 

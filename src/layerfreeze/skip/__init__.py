@@ -25,11 +25,12 @@ How it decides and stays correct:
   the layers (attention masks, the loop) is skipped too. If the proof refuses
   it, the group's own boundary is tried next.
 * **The proof.** Before the first skip at a new boundary, a few samples of a batch
-  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`: the shortest and longest of a
-  padded batch, else the first ones) run both ways (the full forward, with
-  grad, and the skipped one, from the same random state, with buffers restored
-  after) and every output tensor is compared (real positions only, in a padded
-  batch). A model that reads a prefix output the boundary does not carry (a
+  (:data:`~layerfreeze.skip.proof.PROOF_ROWS`: the shortest of a padded batch
+  and the shortest of those longer than it, cut to that one's length, else the
+  first ones) run both ways (the full forward, with grad, and the skipped one,
+  from the same random state, with buffers restored after) and every output
+  tensor is compared (real positions only, in a padded batch). Should the cut
+  rows refuse, they are proved again at the batch's length, which decides. A model that reads a prefix output the boundary does not carry (a
   connection around the boundary, or a value computed from a placeholder) is
   refused even where the outputs agree: a warning names the reader, and training
   goes on without skipping. So is a boundary whose output needs grad: something

@@ -22,16 +22,17 @@ if TYPE_CHECKING:
 __all__ = ["prove"]
 
 #: The proof runs on this many samples of a batch (in a padded batch the one
-#: with the fewest and the one with the most real tokens, else the first ones):
-#: it compares the same computation done two ways, row by row, at a fraction of
-#: a batch's cost (two extra forwards of them). What it guards against does not
-#: need more rows: a placeholder's values read by anything after the boundary
-#: refuse it whatever the rows show, and a model that reads padded positions is
-#: seen on the row with the most padding (or on the extra padded position it
-#: gets in a batch without padding). Fewer would not do: batch statistics after
-#: the boundary (BatchNorm in training mode) need more than one row. Each row is
-#: a fixed cost per boundary: at 4 rows the proof was about a third of a
-#: one-layer move over a few hundred samples.
+#: with the fewest real tokens and the shortest of those with more, else the
+#: first ones): it compares the same computation done two ways, row by row, at a
+#: fraction of a batch's cost (two extra forwards of them, cut to the longer
+#: row's length where the batch is padded longer). What it guards against does
+#: not need more rows: a placeholder's values read by anything after the
+#: boundary refuse it whatever the rows show, and a model that reads padded
+#: positions is seen on the shorter row's padding (or on the extra padded
+#: position it gets in a batch without padding). Fewer would not do: batch
+#: statistics after the boundary (BatchNorm in training mode) need more than one
+#: row. Each row is a fixed cost per boundary: at 4 rows of the batch's length
+#: the proof was about a third of a one-layer move over a few hundred samples.
 PROOF_ROWS = 2
 
 # Torch functions that read a tensor's metadata, not its values: a placeholder's
@@ -178,20 +179,52 @@ def _ids_list(spec: Any, batch: int) -> bool:
 
 def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, padding: str | None,
                 positional: Sequence[str] = ()) -> list[int]:
-    """Which samples the proof runs: in a padded batch the shortest and the
-    longest (so a model that reads a padded position is seen), then the first ones."""
+    """Which samples the proof runs: in a padded batch the shortest and the shortest
+    of those longer than it (so it has a padded position, and the proof can be cut
+    to the longer one's length, see :func:`_narrowed`), then the first ones."""
     if batch <= PROOF_ROWS:
         return list(range(batch))
     mask = _mask(*call, padding, positional)
     first: list[int] = []
     if mask is not None and mask.shape[0] == batch:
         real = (mask != 0).sum(1)
-        first = [int(real.argmin()), int(real.argmax())]
+        short = int(real.argmin())
+        longer = torch.where(real > real[short], real, real.max() + 1)
+        first = [short, int(longer.argmin())]
     picked: list[int] = []
     for r in [*first, *range(PROOF_ROWS)]:
         if r not in picked and len(picked) < PROOF_ROWS:
             picked.append(r)
     return sorted(picked)
+
+
+def _narrowed(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: str | None,
+              positional: Sequence[str]) -> list[tuple[tuple[Any, ...], dict[str, Any]]] | None:
+    """The proof's calls without their trailing padded positions (those no row of the
+    ``padding`` mask marks real), or None when there are none. Every tensor with the
+    rows of the mask and its length in dimension 1 (the per-token arguments, as keys
+    read them) is cut there; each row keeps its real tokens, and the shorter row
+    keeps a padded position. The proof's forwards then cost what the rows cost, not
+    the batch's padded length."""
+    first = _mask(*calls[0], padding, positional)
+    if first is None or first.dim() != 2:
+        return None
+    real = (first != 0).any(0)
+    if not bool(real.any()):
+        return None
+    rows, width = first.shape
+    keep = int(real.nonzero().max()) + 1
+    if keep == width:
+        return None
+    out = []
+    for call in calls:
+        leaves: list[Any] = []
+        spec = _flatten(call, leaves)
+        cut = [x[:, :keep].contiguous() if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == rows
+               and x.shape[1] == width else x for x in leaves]
+        args, kwargs = _unflatten(spec, cut)
+        out.append((tuple(args), dict(kwargs)))
+    return out
 
 
 def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
@@ -243,7 +276,11 @@ def _differ(full: Any, skipped: Any, plan: _Plan, padding: str | None, args: Any
 def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any],
            plain: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
     """Run :data:`PROOF_ROWS` samples of the batch fully and skipped; refuse
-    the boundary if an output differs."""
+    the boundary if an output differs.
+
+    The samples run cut to their own length where the batch is padded longer
+    (:func:`_narrowed`); should that refuse, they run again at the batch's length,
+    and that decides (a model that reads a fixed position, say)."""
     padding, positional = party.config["padding"], party._positional
     batch, _ = _dims(*plain, padding)
     if batch > PROOF_ROWS:
@@ -252,6 +289,38 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
         if cut is not None and cut_plain is not None:
             (args, kwargs), plain = cut, cut_plain
     (args, kwargs), plain = _one_padded([(args, kwargs), plain], padding, positional)
+    narrow = _narrowed([(args, kwargs), plain], padding, positional)
+    if narrow is not None and _attempt(party, level, *narrow[0], narrow[1])[0] is None:
+        level.proven = True
+        return True
+    why, key, readers, plan = _attempt(party, level, args, kwargs, plain)
+    if why is None:
+        level.proven = True
+        return True
+    reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
+              "training goes on without skipping")
+    if key is not None:
+        reason = f"not skipping up to {level.b}: {why}; training goes on without skipping"
+    elif readers:
+        producer = plan.track.get(readers[1], "a prefix module") if plan.track is not None else "?"
+        key = f"{readers[0]} reads {producer}"
+        reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
+                  "boundary does not carry (a connection around it); training goes on without skipping")
+    party._refused[level.b] = reason
+    if level.b in party._levels:  # what the proof stored is of no use now
+        party._drop(level.b)
+    party._active, party._reason = None, reason
+    if level.cand.group_b is not None:  # a climbed boundary: the group's own may still hold
+        party._dirty = True
+    party._note(reason, key)
+    return False
+
+
+def _attempt(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[str, Any],
+             plain: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[str | None, str | None, list[Any], _Plan]:
+    """One run of the proof's call both ways: why the skipped forward is refused (None:
+    it is not), the warning's key, the placeholder's reader and the skipped forward's plan."""
+    padding, positional = party.config["padding"], party._positional
     entry = party._entry
     assert entry is not None
     model = party.model
@@ -306,26 +375,8 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
         raise
     except Exception as e:  # the skipped forward failed
         why = f"the skipped forward failed ({type(e).__name__}: {e})"
-    if why is None:
-        level.proven = True
-        return True
-    reason = (f"not skipping up to {level.b}: the skipped forward differs from the full one ({why}); "
-              "training goes on without skipping")
-    if key is not None:
-        reason = f"not skipping up to {level.b}: {why}; training goes on without skipping"
-    elif readers:
-        producer = plan.track.get(readers[1], "a prefix module") if plan.track is not None else "?"
-        key = f"{readers[0]} reads {producer}"
-        reason = (f"not skipping up to {level.b}: {readers[0]} reads the output of {producer}, which the "
-                  "boundary does not carry (a connection around it); training goes on without skipping")
-    party._refused[level.b] = reason
-    if level.b in party._levels:  # what the proof stored is of no use now
-        party._drop(level.b)
-    party._active, party._reason = None, reason
-    if level.cand.group_b is not None:  # a climbed boundary: the group's own may still hold
-        party._dirty = True
-    party._note(reason, key)
-    return False
+    return why, key, readers, plan
+
 
 def _mode_changes_boundary(party: SkipParty, level: _Level, plain: Any, hook: Any, seen: list[list[Any]]) -> bool:
     """Whether the boundary's output changes when the modules around the prefix whose
