@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import layerfreeze as lf
@@ -815,6 +817,47 @@ def test_a_head_that_needs_the_batchs_length_is_proved_at_that_length():
     # cut to its rows' length the head cannot run; at the batch's length the proof holds
     assert fz.skip_stats().skipping and fz.skip_stats().hits > 0
     assert said == []
+
+
+@pytest.mark.parametrize("first", [[3], [1], [1, 1, 1]], ids=["one-row", "one-token", "one-token-rows"])
+def test_a_head_reading_padded_positions_is_refused_after_a_first_batch_without_any(first):
+    # a single row, or rows of one token: the proof still gets a padded position to look at
+    torch.manual_seed(0)
+    net = Tagger("mean")
+    ref, fz = beside(net, copy.deepcopy(BERT_GROUPS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, lengths in enumerate([first, [3, 1, 2], first]):
+            ids, mask = token_batch(lengths, seed=k)
+            with torch.no_grad():
+                torch.testing.assert_close(net(ids, mask)[0], ref(ids, mask)[0], **TOL)
+    assert not fz.skip_stats().skipping and "differs" in fz.skip_stats().reason
+
+
+padded_batch = st.tuples(st.lists(st.integers(1, 7), min_size=1, max_size=6),  # real tokens per row
+                         st.integers(0, 3))  # padded positions past the longest row
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(padded_batch, min_size=2, max_size=4), left=st.booleans(),
+       pool=st.sampled_from(["masked", "mean"]), seed=st.integers(0, 1000))
+def test_any_padding_proves_a_masked_head_and_refuses_one_that_reads_padding(batches, left, pool, seed):
+    torch.manual_seed(seed)
+    net = Tagger(pool)
+    ref, fz = beside(net, copy.deepcopy(BERT_GROUPS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, (lengths, extra) in enumerate(batches):
+            ids, mask = token_batch(lengths, seed=seed + k, left=left)
+            ids, mask = F.pad(ids, (extra, 0) if left else (0, extra)), F.pad(mask, (extra, 0) if left else (0, extra))
+            with torch.no_grad():
+                got, want = net(ids, mask)[0], ref(ids, mask)[0]
+            torch.testing.assert_close(got, want, **TOL)
+    stats = fz.skip_stats()
+    if pool == "mean":  # the proof's shorter row has a padded position whatever the batch
+        assert not stats.skipping and "differs" in stats.reason
+    else:
+        assert stats.skipping and stats.reason is None
 
 
 # -------------------------------------------------------------- inputs edited in place

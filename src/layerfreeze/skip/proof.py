@@ -119,11 +119,15 @@ def _one_padded(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: st
                 positional: Sequence[str]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """The proof's calls with a padded position in them: where the ``padding`` mask marks
     every position real, the last token of the row with the most real tokens is masked
-    out, in a copy of the mask. A model that reads a padded position (an unmasked mean,
-    say) is then seen whatever the padding of the batch at hand."""
+    out, in a copy of the mask; where the rows are one token long, every per-token
+    argument gets one more position, padded (zeros). A model that reads a padded
+    position (an unmasked mean, say) is then seen whatever the padding of the batch at hand."""
     first = _mask(*calls[0], padding, positional)
-    if first is None or first.shape[1] < 2 or not bool((first != 0).all()):
+    if first is None or first.shape[1] < 1 or not bool((first != 0).all()):
         return calls
+    if first.shape[1] == 1:
+        return [_per_token(call, first.shape, lambda x: torch.cat([x, x.new_zeros(x[:, :1].shape)], 1))
+                for call in calls]
     row = int((first != 0).sum(1).argmax())
     out = []
     for args, kwargs in calls:
@@ -137,6 +141,18 @@ def _one_padded(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: st
         arg_specs, kw_spec = spec
         out.append((tuple(_build(a, it) for a in arg_specs), dict(_build(kw_spec, it))))
     return out
+
+
+def _per_token(call: tuple[tuple[Any, ...], dict[str, Any]], shape: torch.Size,
+               edit: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with ``edit`` applied to every per-token argument: a tensor with the
+    ``padding`` mask's rows and length (``shape``) in dimensions 0 and 1, as keys read them."""
+    leaves: list[Any] = []
+    spec = _flatten(call, leaves)
+    made = [edit(x) if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(shape)
+            else x for x in leaves]
+    args, kwargs = _unflatten(spec, made)
+    return tuple(args), dict(kwargs)
 
 
 def copied(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -201,30 +217,23 @@ def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, paddin
 def _narrowed(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: str | None,
               positional: Sequence[str]) -> list[tuple[tuple[Any, ...], dict[str, Any]]] | None:
     """The proof's calls without their trailing padded positions (those no row of the
-    ``padding`` mask marks real), or None when there are none. Every tensor with the
-    rows of the mask and its length in dimension 1 (the per-token arguments, as keys
-    read them) is cut there; each row keeps its real tokens, and the shorter row
-    keeps a padded position. The proof's forwards then cost what the rows cost, not
-    the batch's padded length."""
+    ``padding`` mask marks real) but one, where the cut would leave none, or None when
+    there is nothing to cut. Every per-token argument (:func:`_per_token`) is cut; each
+    row keeps its real tokens, and the proof keeps a padded position. Its forwards then
+    cost what the rows cost, not the batch's padded length."""
     first = _mask(*calls[0], padding, positional)
     if first is None or first.dim() != 2:
         return None
-    real = (first != 0).any(0)
+    real = first != 0
     if not bool(real.any()):
         return None
-    rows, width = first.shape
-    keep = int(real.nonzero().max()) + 1
-    if keep == width:
+    width = first.shape[1]
+    keep = int(real.any(0).nonzero().max()) + 1
+    if bool(real[:, :keep].all()):
+        keep += 1  # the only padded positions are those cut: keep one
+    if keep >= width:
         return None
-    out = []
-    for call in calls:
-        leaves: list[Any] = []
-        spec = _flatten(call, leaves)
-        cut = [x[:, :keep].contiguous() if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == rows
-               and x.shape[1] == width else x for x in leaves]
-        args, kwargs = _unflatten(spec, cut)
-        out.append((tuple(args), dict(kwargs)))
-    return out
+    return [_per_token(call, first.shape, lambda x: x[:, :keep].contiguous()) for call in calls]
 
 
 def _first_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int,
