@@ -30,10 +30,11 @@ How it decides and stays correct:
   first ones) run both ways (the full forward, with grad, and the skipped one,
   from the same random state, with buffers restored after) and every output
   tensor is compared (real positions only, in a padded batch). Should the cut
-  rows refuse, they are proved again at the batch's length, which decides. A model that reads a prefix output the boundary does not carry (a
-  connection around the boundary, or a value computed from a placeholder) is
-  refused even where the outputs agree: a warning names the reader, and training
-  goes on without skipping. So is a boundary whose output needs grad: something
+  rows refuse, they are proved again at the batch's length, which decides. A
+  model that reads a prefix output the boundary does not carry (a connection
+  around the boundary, or a value computed from a placeholder) is refused even
+  where the outputs agree: a warning names the reader, and training goes on
+  without skipping. So is a boundary whose output needs grad: something
   trainable outside the frozen groups feeds the prefix.
 * **The model around the prefix.** The modules whose calls contain the
   boundary's (the forward's own module, containers) are watched at every call:
