@@ -217,21 +217,17 @@ def _proof_rows(call: tuple[tuple[Any, ...], dict[str, Any]], batch: int, paddin
 def _narrowed(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], padding: str | None,
               positional: Sequence[str]) -> list[tuple[tuple[Any, ...], dict[str, Any]]] | None:
     """The proof's calls without their trailing padded positions (those no row of the
-    ``padding`` mask marks real) but one, where the cut would leave none, or None when
-    there is nothing to cut. Every per-token argument (:func:`_per_token`) is cut; each
-    row keeps its real tokens, and the proof keeps a padded position. Its forwards then
+    ``padding`` mask marks real), or None when there are none. Every per-token argument
+    (:func:`_per_token`) is cut; each row keeps its real tokens. The proof's forwards then
     cost what the rows cost, not the batch's padded length."""
     first = _mask(*calls[0], padding, positional)
     if first is None or first.dim() != 2:
         return None
-    real = first != 0
+    real = (first != 0).any(0)
     if not bool(real.any()):
         return None
-    width = first.shape[1]
-    keep = int(real.any(0).nonzero().max()) + 1
-    if bool(real[:, :keep].all()):
-        keep += 1  # the only padded positions are those cut: keep one
-    if keep >= width:
+    keep = int(real.nonzero().max()) + 1
+    if keep == first.shape[1]:
         return None
     return [_per_token(call, first.shape, lambda x: x[:, :keep].contiguous()) for call in calls]
 
@@ -289,7 +285,8 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
 
     The samples run cut to their own length where the batch is padded longer
     (:func:`_narrowed`); should that refuse, they run again at the batch's length,
-    and that decides (a model that reads a fixed position, say)."""
+    and that decides (a model that reads a fixed position, say). Either way
+    :func:`_one_padded` makes sure they hold a padded position."""
     padding, positional = party.config["padding"], party._positional
     batch, _ = _dims(*plain, padding)
     if batch > PROOF_ROWS:
@@ -297,11 +294,14 @@ def prove(party: SkipParty, level: _Level, args: tuple[Any, ...], kwargs: dict[s
         cut, cut_plain = _first_rows((args, kwargs), batch, rows), _first_rows(plain, batch, rows)
         if cut is not None and cut_plain is not None:
             (args, kwargs), plain = cut, cut_plain
-    (args, kwargs), plain = _one_padded([(args, kwargs), plain], padding, positional)
-    narrow = _narrowed([(args, kwargs), plain], padding, positional)
-    if narrow is not None and _attempt(party, level, *narrow[0], narrow[1])[0] is None:
-        level.proven = True
-        return True
+    calls = [(args, kwargs), plain]
+    narrow = _narrowed(calls, padding, positional)
+    if narrow is not None:
+        (n_args, n_kwargs), n_plain = _one_padded(narrow, padding, positional)
+        if _attempt(party, level, n_args, n_kwargs, n_plain)[0] is None:
+            level.proven = True
+            return True
+    (args, kwargs), plain = _one_padded(calls, padding, positional)
     why, key, readers, plan = _attempt(party, level, args, kwargs, plain)
     if why is None:
         level.proven = True
